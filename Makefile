@@ -16,6 +16,7 @@ demo: setup
 test: setup
 	$(PY) -m ruff check mmcam_fast kernels tests benchmarks
 	$(PY) -m pytest -q
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/interpret
 
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-only
