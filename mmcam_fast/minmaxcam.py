@@ -1,0 +1,118 @@
+"""The MinMaxCAM method: Stage I classification loss and Stage II CRR / FRR losses.
+
+This module is the specification in code (``../shared/design/METHOD.md``). The reference path below
+is literal, fp32-friendly PyTorch; every fast path (``impl="triton"`` / ``"auto"``, which go through
+:mod:`mmcam_fast.ops`) is tested against it for values and for the fc.weight gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# eps of the CAM min-max normalisation: H = (H_raw - min) / (max - min + CAM_EPS). A constant map
+# (max == min) gives H = 0, hence an all-zero masked image, instead of NaN. 1e-6 is far below the
+# spread of any non-degenerate CAM (fc.weight rows times ReLU / BN features), so it does not move
+# the normalisation measurably, and it is representable in fp16/bf16 accumulations done in fp32.
+CAM_EPS = 1e-6
+
+STAGE2_IMPLS = ("reference", "auto", "triton")
+
+
+def stage1_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Stage I: mean cross-entropy of the classifier (``model.train()``, all parameters)."""
+    return F.cross_entropy(logits, labels)
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Run ``module`` in eval mode (BatchNorm running statistics, no dropout), restoring its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def frozen_call(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``backbone(images)`` with the parameters as constants of the graph.
+
+    Gradients flow to ``images`` only: the backbone is frozen in Stage II (no parameter gradient is
+    computed, none is accumulated), without touching ``requires_grad`` flags of the shared module.
+    """
+    params = {name: p.detach() for name, p in backbone.named_parameters()}
+    return torch.func.functional_call(backbone, params, (images,))
+
+
+def masked_images_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            images: torch.Tensor) -> torch.Tensor:
+    """Stage II steps 3-6: CAM of the label, min-max over h*w, bilinear upsample, multiply the image."""
+    cams = torch.einsum("bk,bkhw->bhw", weight[labels], features)  # H_raw [B, h, w]
+    low = cams.amin(dim=(1, 2), keepdim=True)
+    high = cams.amax(dim=(1, 2), keepdim=True)
+    normalized = (cams - low) / (high - low + CAM_EPS)
+    upsampled = F.interpolate(normalized[:, None], size=images.shape[-2:], mode="bilinear",
+                              align_corners=False)  # [B, 1, H, W]
+    return images * upsampled
+
+
+def set_regularizers_reference(f: torch.Tensor, f_o: torch.Tensor, set_size: int
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 8: CRR (mean over sets of the mean over pairs i<j of mse) and FRR (mean of mse(f, f_o))."""
+    check_set_layout(f.shape[0], set_size)
+    sets = f.view(-1, set_size, f.shape[1])  # [N, S, K], set-major batch
+    pair_i, pair_j = torch.triu_indices(set_size, set_size, offset=1, device=f.device)
+    pair_mse = ((sets[:, pair_i] - sets[:, pair_j]) ** 2).mean(dim=2)  # [N, S(S-1)/2]
+    crr = pair_mse.mean(dim=1).mean()
+    frr = ((f - f_o) ** 2).mean(dim=1).mean()
+    return crr, frr
+
+
+def check_set_layout(batch: int, set_size: int) -> None:
+    if set_size < 2:
+        raise ValueError(f"set_size must be at least 2 for CRR (pairs within a set), got {set_size}")
+    if batch % set_size:
+        raise ValueError(f"batch of {batch} images is not a whole number of sets of set_size={set_size}")
+
+
+def stage2_losses(backbone: nn.Module, fc: nn.Linear, images: torch.Tensor, labels: torch.Tensor,
+                  set_size: int, *, impl: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage II losses of a set-structured batch, differentiable w.r.t. ``fc.weight`` only.
+
+    Args:
+        backbone: the CAM backbone; run in eval mode with frozen parameters (its mode is restored).
+        fc: the classifier; only ``fc.weight`` enters the losses (``fc.bias`` does not).
+        images: [N*S, 3, H, W] normalized images, set-major (images n*S..n*S+S-1 share a class).
+        labels: [N*S] ground-truth classes.
+        set_size: S.
+        impl: ``"reference"`` (this module, literal), ``"triton"`` (the fused kernels of
+            :mod:`mmcam_fast.ops`), or ``"auto"`` (:mod:`mmcam_fast.ops` picks by device and the
+            ``MMCAM_KERNELS`` environment variable).
+
+    Returns:
+        (crr, frr): scalar tensors.
+    """
+    if impl not in STAGE2_IMPLS:
+        raise ValueError(f"impl={impl!r}: choose one of {', '.join(STAGE2_IMPLS)}")
+    check_set_layout(images.shape[0], set_size)
+    with eval_mode(backbone):
+        with torch.no_grad():
+            features = backbone(images)  # F = B(x), with the weights as updated by Stage I
+        f_o = features.mean(dim=(2, 3))  # [B, K], a constant
+        if impl == "reference":
+            masked = masked_images_reference(features, fc.weight, labels, images)
+        else:
+            from mmcam_fast import ops
+
+            masked = ops.cam_mask(features, fc.weight, labels, images,
+                                  impl=None if impl == "auto" else impl)
+        f = frozen_call(backbone, masked).mean(dim=(2, 3))  # [B, K]
+    if impl == "reference":
+        return set_regularizers_reference(f, f_o, set_size)
+    from mmcam_fast import ops
+
+    return ops.set_regularizers(f, f_o, set_size, impl=None if impl == "auto" else impl)

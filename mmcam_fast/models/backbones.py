@@ -1,0 +1,101 @@
+"""CAM backbones: torchvision networks cut before their classifier, with strides set for CAM.
+
+Each builder returns ``(backbone, num_features)``. Parameter names mirror torchvision's own (the
+backbone's ``features.*`` / ``layer*.*`` keys equal torchvision's), so a torchvision state dict loads
+into ``backbone`` without renaming; the only new layer inside a backbone is VGG16-CAM's ``conv6``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+
+class ResNetCAMBackbone(nn.Module):
+    """torchvision ResNet up to layer4, with layer4 stride 1 (and layer3 stride 1 when large)."""
+
+    def __init__(self, net: tvm.ResNet, large_feature_map: bool):
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        _set_first_block_stride(self.layer4, 1)
+        if large_feature_map:
+            _set_first_block_stride(self.layer3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def _set_first_block_stride(layer: nn.Sequential, stride: int) -> None:
+    block = layer[0]
+    # torchvision's Bottleneck strides conv2 (ResNet v1.5); BasicBlock strides conv1.
+    strided = block.conv2 if isinstance(block, tvm.resnet.Bottleneck) else block.conv1
+    strided.stride = (stride, stride)
+    if block.downsample is not None:
+        block.downsample[0].stride = (stride, stride)
+
+
+class VGGCAMBackbone(nn.Module):
+    """VGG16 conv layers without the last max-pool (stride 16), then conv6 3x3 512->1024 + ReLU."""
+
+    def __init__(self, net: tvm.VGG):
+        super().__init__()
+        layers = list(net.features.children())
+        assert isinstance(layers[-1], nn.MaxPool2d)
+        self.features = nn.Sequential(*layers[:-1])
+        self.conv6 = nn.Conv2d(512, 1024, kernel_size=3, padding=1)
+        self.relu6 = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv6.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.conv6.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu6(self.conv6(self.features(x)))
+
+
+class MobileNetV2CAMBackbone(nn.Module):
+    """torchvision MobileNetV2 features with the last stride-2 stage (the 160-channel one) at stride 1."""
+
+    def __init__(self, net: tvm.MobileNetV2):
+        super().__init__()
+        self.features = net.features
+        strided = [m for m in self.features.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+        strided[-1].stride = (1, 1)  # the depthwise conv of features[14], first block of the 160 stage
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def resnet50_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
+    return ResNetCAMBackbone(tvm.resnet50(weights=None), large_feature_map), 2048
+
+
+def resnet18_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
+    return ResNetCAMBackbone(tvm.resnet18(weights=None), large_feature_map), 512
+
+
+def vgg16_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
+    if large_feature_map:
+        raise ValueError("vgg16_cam has no large_feature_map variant (its map is 14x14 at 224)")
+    return VGGCAMBackbone(tvm.vgg16(weights=None)), 1024
+
+
+def mobilenet_v2_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
+    if large_feature_map:
+        raise ValueError("mobilenet_v2_cam has no large_feature_map variant (its map is 14x14 at 224)")
+    return MobileNetV2CAMBackbone(tvm.mobilenet_v2(weights=None)), 1280
+
+
+BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
+    "vgg16_cam": vgg16_cam,
+    "resnet50_cam": resnet50_cam,
+    "mobilenet_v2_cam": mobilenet_v2_cam,
+    "resnet18_cam": resnet18_cam,
+}
+# Layers that a torchvision ImageNet state dict does not have: they start from their initialisation.
+NEW_LAYERS = ("conv6.",)
+# Keys of a torchvision state dict that belong to its ImageNet head, replaced by the CAM head.
+TORCHVISION_HEAD_PREFIXES = ("fc.", "classifier.")

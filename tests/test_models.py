@@ -1,0 +1,93 @@
+"""CAM backbones: feature-map shapes, CAMs, strict local pretrained-weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torchvision import models as tvm
+
+from mmcam_fast.errors import ConfigError
+from mmcam_fast.models import create_model, resolve_backbone_name
+
+
+@pytest.mark.parametrize("name,large,channels,side", [
+    ("vgg16", False, 1024, 14),
+    ("resnet50", False, 2048, 14),
+    ("resnet50", True, 2048, 28),   # layer3 at stride 1 too
+    ("mobilenet_v2", False, 1280, 14),
+    ("resnet18", False, 512, 14),
+])
+def test_feature_map_shapes_at_224(name, large, channels, side):
+    model = create_model(name, 7, large_feature_map=large).eval()
+    with torch.no_grad():
+        logits, features = model(torch.randn(1, 3, 224, 224))
+    assert tuple(features.shape) == (1, channels, side, side)
+    assert tuple(logits.shape) == (1, 7)
+    torch.testing.assert_close(logits, model.fc(features.mean(dim=(2, 3))))
+
+
+def test_cams_are_the_weighted_sum_of_feature_maps():
+    model = create_model("resnet18", 4)
+    features = torch.randn(2, 512, 3, 3)
+    classes = torch.tensor([3, 1])
+    cams = model.cams(features, classes)
+    expected = torch.stack([(model.fc.weight[c][:, None, None] * features[b]).sum(0)
+                            for b, c in enumerate(classes)])
+    torch.testing.assert_close(cams, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cli,key", [("resnet50", "resnet50_cam"), ("VGG16", "vgg16_cam"),
+                                     ("mobilenet-v2", "mobilenet_v2_cam"), ("resnet18_cam", "resnet18_cam")])
+def test_backbone_names(cli, key):
+    assert resolve_backbone_name(cli) == key
+
+
+def test_unknown_backbone_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"--backbone 'alexnet'.*resnet50"):
+        create_model("alexnet", 2)
+
+
+@pytest.mark.parametrize("name,factory", [("resnet18", tvm.resnet18), ("vgg16", tvm.vgg16),
+                                          ("mobilenet_v2", tvm.mobilenet_v2)])
+def test_pretrained_torchvision_state_dict_loads(tmp_path, name, factory):
+    torch.manual_seed(0)
+    source = factory(weights=None).state_dict()
+    path = tmp_path / "weights.pth"
+    torch.save(source, path)
+    model = create_model(name, 5, pretrained=path)
+    loaded = model.backbone.state_dict()
+    compared = [k for k in loaded if k in source]
+    assert len(compared) > 10
+    for key in compared:
+        assert torch.equal(loaded[key], source[key]), key
+    # The new head keeps its own shape (C=5), untouched by the 1000-class torchvision head.
+    assert model.fc.weight.shape == (5, model.num_features)
+
+
+def test_pretrained_with_wrapper_and_ddp_prefix(tmp_path):
+    source = tvm.resnet18(weights=None).state_dict()
+    path = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.items()}}, path)
+    model = create_model("resnet18", 3, pretrained=path)
+    assert torch.equal(model.backbone.conv1.weight, source["conv1.weight"])
+
+
+def test_pretrained_missing_key_is_an_error(tmp_path):
+    source = tvm.resnet18(weights=None).state_dict()
+    del source["layer2.0.conv1.weight"]
+    path = tmp_path / "broken.pth"
+    torch.save(source, path)
+    with pytest.raises(ConfigError, match=r"--pretrained .*broken.pth.*missing: layer2.0.conv1.weight"):
+        create_model("resnet18", 3, pretrained=path)
+
+
+def test_pretrained_wrong_architecture_is_an_error(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(tvm.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ConfigError, match="shape mismatch|missing"):
+        create_model("resnet50", 3, pretrained=path)
+
+
+def test_pretrained_missing_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="--pretrained .*not found"):
+        create_model("resnet18", 3, pretrained=tmp_path / "nope.pth")
