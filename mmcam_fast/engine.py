@@ -55,29 +55,37 @@ class Trainer:
 
         Returns detached device tensors (ce, acc, crr, frr, loss2); nothing is read back to the host.
         """
-        model, optimizer, config = self.model, self.optimizer, self.config
-        model.train()
-        logits, _ = model(images)
-        ce = stage1_loss(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        ce.backward()
-        optimizer.step()
-        metrics = {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean()}
-        if not self.stage2_enabled:  # plain CAM
-            return metrics
+        metrics = self.stage1_step(images, labels)
+        if self.stage2_enabled:  # lambda_crr = lambda_frr = 0 is plain CAM
+            metrics.update(self.stage2_step(images, labels))
+        return metrics
 
-        # Stage II. Every gradient is None after zero_grad; stage2_losses gives fc.weight the only
-        # one, and SGD skips parameters without a gradient, so their values and momentum buffers
-        # stay bit-identical. BatchNorm buffers are untouched: the backbone runs in eval mode.
-        optimizer.zero_grad(set_to_none=True)
-        plain = unwrap(model)
+    def stage1_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stage I: classification loss, backward, step over every parameter (train mode)."""
+        self.model.train()
+        logits, _ = self.model(images)
+        ce = stage1_loss(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        ce.backward()
+        self.optimizer.step()
+        return {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean()}
+
+    def stage2_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Stage II: CRR/FRR through the frozen backbone, backward into fc.weight only, step.
+
+        Every gradient is None after zero_grad; stage2_losses gives fc.weight the only one, and SGD
+        skips parameters without a gradient, so their values and momentum buffers stay bit-identical.
+        BatchNorm buffers are untouched: the backbone runs in eval mode.
+        """
+        config = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        plain = unwrap(self.model)
         crr, frr = stage2_losses(plain.backbone, plain.fc, images, labels, config.set_size,
                                  impl=self.stage2_impl)
         loss2 = config.lambda_crr * crr + config.lambda_frr * frr
         loss2.backward()
-        optimizer.step()
-        metrics.update(crr=crr.detach(), frr=frr.detach(), loss2=loss2.detach())
-        return metrics
+        self.optimizer.step()
+        return {"crr": crr.detach(), "frr": frr.detach(), "loss2": loss2.detach()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
