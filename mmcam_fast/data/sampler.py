@@ -137,6 +137,11 @@ class SetBatchSampler:
     def batch_size(self) -> int:
         return self.num_sets * self.set_size
 
+    @property
+    def next_position(self) -> int:
+        """The batch of the current epoch the next iteration starts at (0 unless resumed)."""
+        return self._start
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch to draw next; the sequence of an epoch depends only on (seed, epoch)."""
         self.epoch = int(epoch)
