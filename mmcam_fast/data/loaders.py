@@ -258,6 +258,14 @@ def _clean_worker_error(error: MMCamError) -> MMCamError:
     return error
 
 
+def _stop_workers(iterator: Any) -> None:
+    """Stop a failed torch iterator's workers now. Left to the garbage collector, the exception's
+    traceback keeps the iterator alive and its workers are joined later with a 5 s timeout each."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class Loader:
     """A data loader with the interface every backend provides.
 
@@ -304,7 +312,11 @@ class Loader:
             except StopIteration:
                 return
             except MMCamError as error:
+                _stop_workers(iterator)
                 raise _clean_worker_error(error) from None
+            except Exception:
+                _stop_workers(iterator)
+                raise
             self._consumed += 1
             yield batch
 
