@@ -152,12 +152,16 @@ def test_skip_policy_with_no_readable_image_in_the_class(tmp_path):
         ds[3]
 
 
-def test_bad_image_count_sums_over_loader_workers(tmp_path):
+# spawn: the start method where the data set is pickled into the workers (forkserver, the default
+# from Python 3.14 on, pickles the same way)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_bad_image_count_sums_over_loader_workers(tmp_path, start_method):
     image_root, meta = _make(tmp_path, per_class=(4, 4))
     (image_root / "c0/1.jpg").write_bytes(b"")
     (image_root / "c1/2.jpg").write_bytes(b"")
     ds = _dataset(image_root, meta, bad_image_policy="skip")
-    loader = DataLoader(ds, batch_size=2, num_workers=2)
+    loader = DataLoader(ds, batch_size=2, num_workers=2 if start_method == "fork" else 1,
+                        multiprocessing_context=start_method)
     indices = torch.cat([batch[2] for batch in loader]).tolist()
     assert indices == [0, 2, 2, 3, 4, 5, 7, 7]
     assert ds.bad_images == 2, "substitutions made in worker processes are counted in the parent"

@@ -18,14 +18,12 @@ decides:
 from __future__ import annotations
 
 import logging
-import multiprocessing
 from collections.abc import Callable, Sequence
-from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from mmcam_fast.data.images import (
     UNREADABLE_IMAGE_ERRORS,
@@ -44,30 +42,26 @@ _MAX_LISTED = 5
 
 
 class _SharedCounter:
-    """An integer shared by a process and the DataLoader workers it starts (fork, spawn, forkserver).
+    """A count kept together by a process and its DataLoader workers, whatever their start method.
 
-    Pickled while a worker process is being started, it passes the shared memory along; pickled at
-    any other time (a copy, a checkpoint) it carries its current value only.
+    The slots live in shared memory (torch shares them with workers started by fork, spawn or
+    forkserver). Each process adds to its own slot (worker id + 1; 0 outside workers), so no lock is
+    needed; the value is the sum. Pickled outside a worker start, it carries a copy.
     """
 
-    def __init__(self, value: int = 0) -> None:
-        self._shared = multiprocessing.Value("q", value)
+    _SLOTS = 257
+
+    def __init__(self) -> None:
+        self._slots = torch.zeros(self._SLOTS, dtype=torch.int64).share_memory_()
 
     def add(self, amount: int = 1) -> None:
-        with self._shared.get_lock():
-            self._shared.value += amount
+        worker = get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (self._SLOTS - 1)
+        self._slots[slot] += amount
 
     @property
     def value(self) -> int:
-        return int(self._shared.value)
-
-    def __getstate__(self) -> dict[str, Any]:
-        if get_spawning_popen() is not None:
-            return {"shared": self._shared}
-        return {"value": self.value}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._shared = state["shared"] if "shared" in state else multiprocessing.Value("q", state["value"])
+        return int(self._slots.sum())
 
 
 def _listed(paths: Sequence[str]) -> str:
