@@ -171,6 +171,15 @@ def test_ensure_prepared_reuses_a_matching_conversion(tmp_path):
     assert len(load_metadata(out / "metadata/val")) == 15
 
 
+def test_reconverting_into_a_used_folder_leaves_no_stale_split(tmp_path):
+    out = prepare_voc(FRUIT, tmp_path / "out")
+    assert (out / "metadata/mixed/image_ids.txt").exists()
+    prepare_tiny_imagenet(TINY, out)
+    assert not (out / "metadata/mixed").exists()
+    assert (out / "train").resolve() == (TINY / "train").resolve()
+    assert len(load_metadata(out / "metadata/test")) == 250
+
+
 def test_command_line(tmp_path, capsys):
     assert main(["voc", "--src", str(FRUIT), "--out", str(tmp_path / "fruit")]) == 0
     assert "ready" in capsys.readouterr().out

@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -62,6 +63,7 @@ import numpy as np
 
 from mmcam_fast.data.images import image_size
 from mmcam_fast.data.metadata import write_metadata
+from mmcam_fast.data.synthetic import make_synthetic
 from mmcam_fast.errors import ConfigError, DataError, MMCamError
 
 log = logging.getLogger(__name__)
@@ -166,6 +168,9 @@ def _write(out: Path, kind: str, src: Path, options: dict[str, Any], splits: dic
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted run must not look complete
     _link_top_folders(src, out, top_folders)
+    for stale in ("train", "val", "test", "mixed"):  # splits an earlier conversion wrote here
+        if stale not in splits and (out / "metadata" / stale / "image_ids.txt").exists():
+            shutil.rmtree(out / "metadata" / stale)
     for name, split in splits.items():
         write_metadata(out / "metadata" / name, split.ids, split.labels, split.sizes, boxes=split.boxes)
     (out / CLASSES_FILE).write_text("".join(f"{key}\t{name}\n" for key, name in classes))
@@ -442,8 +447,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("kind", choices=[*CONVERTERS, "synthetic"], help="the source format")
     parser.add_argument("--src", type=Path, help="the source folder (tiny-imagenet, voc)")
     parser.add_argument("--out", type=Path, required=True, help="the output folder (a --data-root)")
-    parser.add_argument("--val-per-class", type=int, default=10,
-                        help="images per class held out from train as the val split (default 10)")
+    parser.add_argument("--val-per-class", type=int, default=None,
+                        help="tiny-imagenet, voc: images per class held out from train as the val split "
+                             "(default 10); synthetic: val images per class (default 20)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choice / synthetic images")
     parser.add_argument("--strict-boxes", action="store_true",
                         help="a box extending outside its image is an error instead of being clipped")
@@ -461,17 +467,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         if args.kind == "synthetic":
-            from mmcam_fast.data.synthetic import make_synthetic
-
             out = make_synthetic(args.out, num_classes=args.num_classes, train_per_class=args.train_per_class,
-                                 val_per_class=args.val_per_class, test_per_class=args.test_per_class,
+                                 val_per_class=20 if args.val_per_class is None else args.val_per_class,
+                                 test_per_class=args.test_per_class,
                                  size=args.size, seed=args.seed)
         else:
             if args.src is None:
                 raise ConfigError(f"--src is required for {args.kind}")
-            if args.val_per_class < 1:
-                raise ConfigError(f"--val-per-class must be at least 1, got {args.val_per_class}")
-            out = CONVERTERS[args.kind](args.src, args.out, val_per_class=args.val_per_class,
+            val_per_class = 10 if args.val_per_class is None else args.val_per_class
+            if val_per_class < 1:
+                raise ConfigError(f"--val-per-class must be at least 1, got {val_per_class}")
+            out = CONVERTERS[args.kind](args.src, args.out, val_per_class=val_per_class,
                                         seed=args.seed, strict_boxes=args.strict_boxes)
     except MMCamError as error:
         print(f"error: {error}", file=sys.stderr)
