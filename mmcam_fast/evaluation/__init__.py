@@ -1,0 +1,30 @@
+"""WSOL evaluation (Choe et al., CVPR 2020): score maps, MaxBoxAcc / MaxBoxAccV2 / PxAP, top-k Loc, overlays.
+
+Every evaluator has a literal ``impl="reference"`` and a ``impl="fast"`` (default) implementation
+that produce identical counts, hence identical numbers.
+"""
+
+from mmcam_fast.evaluation.box_evaluator import BoxEvaluator, BoxResult, accumulate_boxes, box_correct
+from mmcam_fast.evaluation.boxes import box_iou, gt_boxes_224, iou_matrix, resize_box
+from mmcam_fast.evaluation.loc_accuracy import LocAccuracyEvaluator
+from mmcam_fast.evaluation.mask_evaluator import MaskEvaluator, load_gt_mask, pxap_from_histograms
+from mmcam_fast.evaluation.overlays import overlay_image, write_overlays
+from mmcam_fast.evaluation.protocol import dataset_name, evaluate_scoremaps
+from mmcam_fast.evaluation.scoremaps import (
+    SCOREMAP_SIZE,
+    cams_to_scoremaps,
+    check_scoremap,
+    iter_scoremaps,
+    load_scoremap,
+    save_scoremaps,
+    scoremap_path,
+)
+from mmcam_fast.evaluation.thresholds import DEFAULT_IOU_THRESHOLDS, cam_thresholds
+
+__all__ = [
+    "DEFAULT_IOU_THRESHOLDS", "SCOREMAP_SIZE", "BoxEvaluator", "BoxResult", "LocAccuracyEvaluator",
+    "MaskEvaluator", "accumulate_boxes", "box_correct", "box_iou", "cam_thresholds", "cams_to_scoremaps",
+    "check_scoremap", "dataset_name", "evaluate_scoremaps", "gt_boxes_224", "iou_matrix", "iter_scoremaps",
+    "load_gt_mask", "load_scoremap", "overlay_image", "pxap_from_histograms", "resize_box", "save_scoremaps",
+    "scoremap_path", "write_overlays",
+]

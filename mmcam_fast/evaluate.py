@@ -1,0 +1,140 @@
+"""``mmcam-evaluate``: WSOL evaluation (MaxBoxAcc, MaxBoxAccV2, PxAP) of score maps.
+
+Mode (a), implemented here: score maps exported as ``<scoremap-root>/<image_id>.npy`` (the
+protocol's layout), metadata from ``<metadata-root>/<dataset>/<split>/``, masks from
+``<mask-root>/OpenImages/<mask path>``::
+
+    mmcam-evaluate --scoremap-root runs/x/scoremaps --metadata-root metadata --dataset CUB --split test
+
+The last line of stdout is one JSON object with the results.
+
+Mode (b), not implemented yet: checkpoint + data set -> CAMs -> score maps in memory. It plugs in
+as a generator of ``(image_id, scoremap)`` pairs handed to
+:func:`mmcam_fast.evaluation.protocol.evaluate_scoremaps` in place of ``iter_scoremaps`` below
+(see ``_scoremaps_from_files``); the images it loads can feed ``write_overlays`` directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from mmcam_fast.data.metadata import load_metadata
+from mmcam_fast.errors import ConfigError, DataError, MMCamError
+from mmcam_fast.evaluation import (
+    DEFAULT_IOU_THRESHOLDS,
+    SCOREMAP_SIZE,
+    dataset_name,
+    evaluate_scoremaps,
+    gt_boxes_224,
+    iter_scoremaps,
+    load_scoremap,
+    write_overlays,
+)
+from mmcam_fast.evaluation.protocol import MASK_DATASETS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmcam-evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scoremap-root", required=True, type=Path,
+                        help="folder of <image_id>.npy score maps (224x224, float, in [0, 1])")
+    parser.add_argument("--metadata-root", required=True, type=Path,
+                        help="metadata root; the split is read from <metadata-root>/<dataset>/<split>/")
+    parser.add_argument("--mask-root", type=Path,
+                        help="mask root (OpenImages): masks are <mask-root>/OpenImages/<mask path>")
+    parser.add_argument("--dataset", required=True,
+                        help="CUB, ILSVRC (alias imagenet) or OpenImages; any case")
+    parser.add_argument("--split", required=True, help="split folder, e.g. val or test")
+    parser.add_argument("--cam-curve-interval", type=float, default=0.01,
+                        help="CAM thresholds are arange(0, 1, interval) (default 0.01: 100 thresholds)")
+    parser.add_argument("--iou-threshold-list", type=int, nargs="+", default=list(DEFAULT_IOU_THRESHOLDS),
+                        help="IoU thresholds in percent of the multi-contour run (default 30 50 70)")
+    parser.add_argument("--impl", choices=("fast", "reference"), default="fast",
+                        help="fast (default) or the literal reference; the numbers are identical")
+    parser.add_argument("--workers", type=int, default=1, help="processes for the per-image work (default 1)")
+    parser.add_argument("--overlays", type=int, default=0, metavar="N",
+                        help="write overlay PNGs of the first N images (needs --overlay-dir, --image-root)")
+    parser.add_argument("--overlay-dir", type=Path, help="folder for overlay PNGs")
+    parser.add_argument("--image-root", type=Path,
+                        help="image root of the split, for overlays: <image-root>/<image_id>")
+    return parser
+
+
+def _scoremaps_from_files(args: argparse.Namespace, image_ids: list[str]):
+    # Mode (a). Mode (b) replaces this generator with one that computes the maps from a model.
+    return iter_scoremaps(args.scoremap_root, image_ids)
+
+
+def _load_image(image_root: Path, image_id: str) -> np.ndarray:
+    path = image_root / image_id
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"image {image_id}: {path} is missing or not an image")
+    image = cv2.resize(image, (SCOREMAP_SIZE, SCOREMAP_SIZE), interpolation=cv2.INTER_LINEAR)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _write_overlays(args: argparse.Namespace, metadata, result: dict) -> list[Path]:
+    image_ids = metadata.image_ids[: args.overlays]
+    gt = gt_boxes_224(metadata)
+    return write_overlays(
+        images=[_load_image(args.image_root, i) for i in image_ids],
+        scoremaps=[load_scoremap(args.scoremap_root, i) for i in image_ids],
+        gt_boxes=[gt[i] for i in image_ids],
+        threshold=result["maxboxacc_threshold"],
+        out_dir=args.overlay_dir,
+        ids=image_ids,
+    )
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Evaluate as the parsed flags say; returns the result dict (also what is printed)."""
+    dataset = dataset_name(args.dataset)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.overlays:
+        if args.overlays < 0 or args.overlay_dir is None or args.image_root is None:
+            raise ConfigError("--overlays N needs N >= 0, --overlay-dir and --image-root "
+                              "(the images to draw on)")
+        if dataset in MASK_DATASETS:
+            raise ConfigError("--overlays: overlays draw boxes, so they are written for CUB and ILSVRC only")
+    metadata = load_metadata(args.metadata_root / dataset / args.split)
+    result = evaluate_scoremaps(
+        dataset, metadata, _scoremaps_from_files(args, metadata.image_ids), mask_root=args.mask_root,
+        cam_curve_interval=args.cam_curve_interval, iou_thresholds=args.iou_threshold_list, impl=args.impl,
+        workers=args.workers, check=False)  # iter_scoremaps has validated every map
+    result["split"] = args.split
+    if args.overlays:
+        written = _write_overlays(args, metadata, result)
+        result["overlays"] = len(written)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; prints a summary and, last, one JSON line. Errors exit with a one-line message."""
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except MMCamError as err:
+        raise SystemExit(f"mmcam-evaluate: error: {err}") from None
+    if "pxap" in result:
+        print(f"{result['dataset']} {result['split']}: PxAP {result['pxap']:.2f} "
+              f"over {result['images']} images")
+    else:
+        print(f"{result['dataset']} {result['split']}: MaxBoxAcc {result['maxboxacc']:.2f} "
+              f"(tau {result['maxboxacc_threshold']:.3f}), MaxBoxAccV2 {result['maxboxacc_v2']:.2f} "
+              f"over {result['images']} images")
+        per_iou = ", ".join(f"IoU {k}: {v:.2f} (tau {result['best_threshold'][k]:.3f})"
+                            for k, v in result["per_iou"].items())
+        print(f"  multi-contour per IoU: {per_iou}")
+    sys.stdout.flush()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
