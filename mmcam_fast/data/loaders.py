@@ -74,31 +74,6 @@ class DataSplits:
 
 # -- metadata --------------------------------------------------------------------------------------
 
-def _labels_only(folder: Path) -> WSOLMetadata:
-    """A split without localization (ImageNet / OpenImages train): ids and labels, strictly read."""
-    ids_file, labels_file = folder / "image_ids.txt", folder / "class_labels.txt"
-    try:
-        ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
-        label_lines = labels_file.read_text().splitlines()
-    except FileNotFoundError as error:
-        raise DataError(f"{error.filename}: metadata file is missing") from None
-    if not ids:
-        raise DataError(f"{ids_file}: no image ids")
-    labels: dict[str, int] = {}
-    for lineno, line in enumerate(label_lines, 1):
-        if not line.strip():
-            continue
-        image_id, sep, value = line.strip().rpartition(",")
-        if not sep or not value.isdigit():
-            raise DataError(f"{labels_file}:{lineno}: expected <image_id>,<label>, got {line!r}")
-        labels[image_id] = int(value)
-    unlabelled = [i for i in ids if i not in labels]
-    if unlabelled:
-        raise DataError(f"{labels_file}: no label for {len(unlabelled)} image(s): "
-                        f"{', '.join(unlabelled[:5])}")
-    return WSOLMetadata(folder, ids, labels)
-
-
 def _split_folder(metadata_root: Path, data: str, split: str) -> Path:
     for folder in (metadata_root / split, metadata_root / _BENCHMARK_FOLDERS.get(data, "") / split):
         if (folder / "image_ids.txt").exists():
@@ -108,10 +83,7 @@ def _split_folder(metadata_root: Path, data: str, split: str) -> Path:
 
 
 def _load_split(metadata_root: Path, data: str, split: str) -> WSOLMetadata:
-    folder = _split_folder(metadata_root, data, split)
-    if split == "train" and not (folder / "localization.txt").exists():
-        return _labels_only(folder)
-    return load_metadata(folder)
+    return load_metadata(_split_folder(metadata_root, data, split))
 
 
 def _derived_class_names(meta: WSOLMetadata) -> list[str] | None:

@@ -5,7 +5,8 @@ A split folder holds four text files::
     image_ids.txt       <image_id>                      one per line, the order of the split
     class_labels.txt    <image_id>,<label>
     image_sizes.txt     <image_id>,<width>,<height>     (empty for OpenImages)
-    localization.txt    <image_id>,<x0>,<y0>,<x1>,<y1>  one line per box (CUB, ILSVRC, ...)
+    localization.txt    <image_id>,<x0>,<y0>,<x1>,<y1>  one line per box (CUB, ILSVRC, ...);
+                        absent for a labels-only training split (ImageNet, OpenImages train)
                      or <image_id>,<mask_path>,<ignore_path>  one line per instance mask (OpenImages);
                         the ignore path is given on an image's first line only
 
@@ -137,7 +138,8 @@ def load_metadata(folder: str | Path, *, check_boxes: bool = True) -> WSOLMetada
     boxes: dict[str, list[tuple[int, int, int, int]]] = {}
     mask_paths: dict[str, list[str]] = {}
     ignore_paths: dict[str, str] = {}
-    loc_lines = _lines(loc_file)
+    # A training split without localization (ImageNet / OpenImages train) is read as labels only.
+    loc_lines = _lines(loc_file) if loc_file.exists() else []
     is_mask = bool(loc_lines) and len(loc_lines[0][1].split(",")) == 3
     for lineno, line in loc_lines:
         if is_mask:
