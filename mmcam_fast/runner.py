@@ -112,6 +112,9 @@ def train(config: TrainConfig) -> RunResult:
         atomic_save(state, run_dir / "checkpoints" / "last.pt")
 
     test_metrics: dict[str, Any] = {}
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.exists():  # the protocol selects the model on val and reports it on test
+        model.load_state_dict(torch.load(best, map_location=device, weights_only=False)["model"])
     if data.test is not None:
         test_metrics = evaluate_localization(model, data.test, device=device,
                                              cam_curve_interval=config.cam_curve_interval)

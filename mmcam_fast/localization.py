@@ -1,0 +1,145 @@
+"""Localization with a trained CAM model: score maps of a data set, the protocol's metrics, overlays.
+
+One pass over an evaluation split computes, per image, the classifier's top-5 classes and the score
+map of the ground-truth class (CAM -> 224x224 bicubic -> min-max), and feeds them to the protocol's
+evaluators (:mod:`mmcam_fast.evaluation`): MaxBoxAcc, MaxBoxAccV2, GT-known / Top-1 / Top-5 Loc for
+box data sets, PxAP for mask data sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from mmcam_fast.data.datasets import WSOLDataset
+from mmcam_fast.data.images import load_rgb
+from mmcam_fast.errors import DataError
+from mmcam_fast.evaluation import (
+    SCOREMAP_SIZE,
+    BoxEvaluator,
+    LocAccuracyEvaluator,
+    MaskEvaluator,
+    accumulate_boxes,
+    cams_to_scoremaps,
+    gt_boxes_224,
+    save_scoremaps,
+    write_overlays,
+)
+from mmcam_fast.models.cam_model import CAMModel
+
+TOPK = 5
+
+
+@torch.no_grad()
+def predict_scoremaps(model: CAMModel, dataset: WSOLDataset, *, device: torch.device | str = "cpu",
+                      batch_size: int = 32, workers: int = 0, classes: str = "gt",
+                      ) -> Iterator[tuple[str, np.ndarray, list[int], list[float]]]:
+    """Yield ``(image_id, score map [224, 224] float32, top-5 classes, top-5 probabilities)``.
+
+    Args:
+        model: the CAM model (put in eval mode here).
+        dataset: an evaluation split (eval transform).
+        device: where the model runs.
+        batch_size, workers: of the evaluation loader.
+        classes: ``"gt"`` for the ground-truth class's CAM (GT-known metrics), ``"top1"`` for the
+            predicted class's CAM.
+    """
+    from mmcam_fast.data.loaders import build_loader
+
+    model.eval()
+    loader, _ = build_loader(dataset, batch_size=batch_size, workers=workers)
+    for images, labels, indices in loader:
+        images, labels = images.to(device), labels.to(device)
+        logits, features = model(images)
+        probs, top = logits.float().softmax(dim=1).topk(min(TOPK, logits.shape[1]), dim=1)
+        cam_classes = labels if classes == "gt" else top[:, 0]
+        scoremaps = cams_to_scoremaps(model.cams(features, cam_classes)).cpu().numpy()
+        for i, index in enumerate(indices.tolist()):
+            yield dataset.image_id(index), scoremaps[i], top[i].tolist(), probs[i].tolist()
+
+
+def evaluate_localization(model: CAMModel, dataset: WSOLDataset, *, device: torch.device | str = "cpu",
+                          cam_curve_interval: float = 0.01, iou_thresholds: tuple[int, ...] = (30, 50, 70),
+                          batch_size: int = 32, workers: int = 0, impl: str = "fast",
+                          scoremap_root: str | Path | None = None, overlays: int = 0,
+                          overlay_dir: str | Path | None = None) -> dict[str, Any]:
+    """The protocol's metrics of ``model`` on ``dataset`` (percentages).
+
+    Box data sets: ``maxboxacc`` (largest contour, IoU 50), ``maxboxacc_v2`` (all contours, mean over
+    ``iou_thresholds``) with ``per_iou`` and ``best_threshold``, ``gt_known_loc`` / ``top1_loc`` /
+    ``top5_loc`` at MaxBoxAcc's best threshold, ``top1_cls`` / ``top5_cls``. Mask data sets:
+    ``pxap`` and the classification accuracies.
+
+    Args:
+        scoremap_root: also export every score map as ``<root>/<image_id>.npy``.
+        overlays: write this many overlay PNGs (the first images of the split) to ``overlay_dir``.
+    """
+    meta = dataset.metadata
+    if not meta.boxes and not meta.has_masks:
+        raise DataError(f"{meta.folder}: evaluation needs boxes or masks in localization.txt")
+    if overlays and overlay_dir is None:
+        raise DataError("overlays requested without an overlay folder (--overlay-dir)")
+    boxes = gt_boxes_224(meta) if meta.boxes else None
+    if boxes is not None:
+        single = BoxEvaluator(boxes, cam_curve_interval=cam_curve_interval, iou_thresholds=[50],
+                              multi_contour=False, impl=impl)
+        multi = BoxEvaluator(boxes, cam_curve_interval=cam_curve_interval,
+                             iou_thresholds=list(iou_thresholds), multi_contour=True, impl=impl)
+        loc = LocAccuracyEvaluator(boxes, meta.labels, cam_curve_interval=cam_curve_interval, impl=impl)
+    else:
+        masks = MaskEvaluator.from_metadata(meta, dataset.mask_root, cam_curve_interval=cam_curve_interval,
+                                            impl=impl)
+    top1 = top5 = count = 0
+    kept: list[tuple[str, np.ndarray]] = []
+
+    def scoremaps() -> Iterator[tuple[str, np.ndarray]]:
+        nonlocal top1, top5, count
+        for image_id, scoremap, top, _ in predict_scoremaps(model, dataset, device=device,
+                                                            batch_size=batch_size, workers=workers):
+            label = meta.labels[image_id]
+            top1 += top[0] == label
+            top5 += label in top
+            count += 1
+            if boxes is not None:
+                loc.accumulate(scoremap, image_id, top)
+            if scoremap_root is not None:
+                save_scoremaps(scoremap_root, [image_id], scoremap[None])
+            if len(kept) < overlays:
+                kept.append((image_id, scoremap))
+            yield image_id, scoremap
+
+    if boxes is not None:
+        accumulate_boxes([single, multi], scoremaps())
+        single_result, multi_result = single.compute(), multi.compute()
+        result: dict[str, Any] = {
+            "maxboxacc": single_result.per_iou[50], "maxboxacc_v2": multi_result.mean,
+            "per_iou": {str(k): v for k, v in multi_result.per_iou.items()},
+            "best_threshold": {str(k): v for k, v in multi_result.best_threshold.items()},
+            "maxboxacc_threshold": single_result.best_threshold[50],
+        }
+        result.update({k: v for k, v in loc.compute().items() if k.endswith("_loc")})
+        threshold = single_result.best_threshold[50]
+    else:
+        masks.accumulate_many(scoremaps())
+        result = {"pxap": masks.compute()}
+        threshold = 0.5
+    result.update(top1_cls=100.0 * top1 / count, top5_cls=100.0 * top5 / count, images=count)
+    if kept:
+        index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
+        images = [_image_224(dataset.image_path(index[i])) for i, _ in kept]
+        gt = [boxes[i] if boxes is not None else [] for i, _ in kept]
+        written = write_overlays(images, [s for _, s in kept], gt, threshold, overlay_dir,
+                                 [i for i, _ in kept])
+        result["overlays"] = [str(p) for p in written]
+    return result
+
+
+def _image_224(path: Path) -> np.ndarray:
+    """The image as the protocol's eval transform sees it: RGB uint8 resized to 224x224."""
+    size = (SCOREMAP_SIZE, SCOREMAP_SIZE)
+    return cv2.resize(np.asarray(load_rgb(path)), size, interpolation=cv2.INTER_LINEAR)

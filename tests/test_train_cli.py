@@ -1,0 +1,79 @@
+"""The train entry point end to end on generated data, and its errors on bad flags."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from mmcam_fast.cli import run_main
+from mmcam_fast.config import build_config
+from mmcam_fast.errors import ConfigError
+from mmcam_fast.train import main, parse_args
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    data_root = tmp_path_factory.mktemp("data") / "synthetic"
+    main(["--data", "synthetic", "--data-root", str(data_root), "--backbone", "resnet18",
+          "--epochs", "2", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out),
+          "--log-every", "3", "--sets-per-batch", "2", "--set-size", "3"])
+    return out
+
+
+def test_run_folder_holds_config_metrics_checkpoints_and_final_metrics(finished_run):
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    assert config["backbone"] == "resnet18" and config["set_size"] == 3 and config["sets_per_batch"] == 2
+    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"ce", "acc", "crr", "frr", "lr", "epoch"} <= set(rows[0])
+    final = json.loads((finished_run / "final_metrics.json").read_text())
+    for key in ("maxboxacc", "maxboxacc_v2", "gt_known_loc", "top1_loc", "top5_loc", "top1_cls"):
+        assert 0.0 <= final["test"][key] <= 100.0
+    assert len(final["val_history"]) == 2
+    last = torch.load(finished_run / "checkpoints" / "last.pt", weights_only=False)
+    assert last["epoch"] == 2 and last["step"] == 4 and "optimizer" in last and "loader" in last
+    assert (finished_run / "checkpoints" / "best.pt").exists()
+
+
+def test_presets_apply_below_command_line_values():
+    config = build_config({"data": "cub", "backbone": "vgg16"})
+    assert (config.lambda_frr, config.sets_per_batch, config.epochs) == (10.0, 12, 200)
+    config = build_config({"data": "imagenet", "backbone": "resnet50", "lambda_frr": 2.0})
+    assert (config.lambda_frr, config.sets_per_batch) == (2.0, 10)
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lambda_crr: 0.0\nlambda_frr: 0.0\nepochs: 3\n")
+    config = parse_args(["--config", str(path), "--epochs", "5"])
+    assert (config.lambda_crr, config.lambda_frr, config.epochs) == (0.0, 0.0, 5)
+    path.write_text("lambda_cr: 1.0\n")
+    with pytest.raises(ConfigError, match="unknown key.*lambda_cr"):
+        parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backbone", "alexnet"], "--backbone 'alexnet'"),
+    (["--data", "mnist"], "--data 'mnist'"),
+    (["--set-size", "1"], "--set-size must be at least 2"),
+    (["--data", "cub"], "--data-root"),
+    (["--data", "cub", "--data-root", "/nonexistent/cub"], "/nonexistent/cub"),
+])
+def test_bad_flags_give_one_clear_error(argv, message, tmp_path, capsys):
+    status = run_main(main, argv + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_module_entry_point_exit_status(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mmcam_fast.train", "--backbone", "nope", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --backbone 'nope'")
