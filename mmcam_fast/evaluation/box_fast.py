@@ -15,9 +15,7 @@ contours only for thresholds whose answer is not already known:
    When that bound, computed in the same float64 arithmetic, is below the smallest ``T / 100``,
    the answer is False for every T without tracing (rounding is monotonic, so the computed IoU
    cannot exceed the computed bound).
-4. One component without holes (:func:`~mmcam_fast.evaluation.level_sets.single_blob_levels`):
-   the only contour is its outer border and its box is ``F+``.
-5. Otherwise: ``cv2.findContours`` on the crop to the foreground's bounding box with ``offset``,
+4. Otherwise: ``cv2.findContours`` on the crop to the foreground's bounding box with ``offset``,
    which returns the same contours, in the same order, as on the whole image (checked by the
    tests), so the largest contour and ties are resolved exactly as in the reference.
 
@@ -32,10 +30,7 @@ import cv2
 import numpy as np
 
 from mmcam_fast.evaluation.boxes import iou_matrix
-from mmcam_fast.evaluation.level_sets import LEVELS, foreground_bbox, single_blob_levels
-
-# Below this many thresholds left to trace, the single-blob test (about 0.3 ms) costs more than it saves.
-_MIN_TRACED_FOR_BLOB_TEST = 16
+from mmcam_fast.evaluation.level_sets import LEVELS, foreground_bbox
 
 
 def to_uint8(scoremap: np.ndarray) -> np.ndarray:
@@ -58,7 +53,7 @@ def box_correct_fast_u8(u: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_th
 
     Args:
         stats: when given, receives counts of how each distinct threshold was decided
-            (``distinct``, ``empty``, ``bounded``, ``single_blob``, ``traced``).
+            (``distinct``, ``empty``, ``bounded``, ``traced``).
 
     Returns:
         ``[len(iou_thresholds), len(cam_thresholds)]`` booleans.
@@ -95,19 +90,8 @@ def box_correct_fast_u8(u: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_th
     bound = (inter / gt_area[None, :]).max(axis=1) if len(live) else np.zeros(0)
     reachable = bound >= min(cuts)
 
-    # 4. single blob: the box is F+
-    todo = np.flatnonzero(reachable)
-    blob = np.zeros(len(live), dtype=bool)
-    if len(todo) >= _MIN_TRACED_FOR_BLOB_TEST:
-        single = single_blob_levels(u)
-        level = distinct[live]
-        blob = reachable & ((level < 0) | single[np.clip(level, 0, LEVELS - 1)])
-    for j in np.flatnonzero(blob).tolist():
-        boxes.append(tuple(int(v) for v in fbox[j]))
-        owners.append(int(live[j]))
-
-    # 5. trace the rest on the foreground's crop
-    traced = np.flatnonzero(reachable & ~blob)
+    # 4. trace the rest on the foreground's crop
+    traced = np.flatnonzero(reachable)
     contour_area, bounding_rect = cv2.contourArea, cv2.boundingRect
     for j in traced.tolist():
         x0, y0 = int(fx0[j]), int(fy0[j])
@@ -125,8 +109,7 @@ def box_correct_fast_u8(u: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_th
         np.maximum.at(best, np.asarray(owners), iou_matrix(np.asarray(boxes, dtype=np.int64), gt).max(axis=1))
     if stats is not None:
         for name, value in (("distinct", len(distinct)), ("empty", int(empty.sum())),
-                            ("bounded", int((~reachable).sum())), ("single_blob", int(blob.sum())),
-                            ("traced", len(traced))):
+                            ("bounded", int((~reachable).sum())), ("traced", len(traced))):
             stats[name] = stats.get(name, 0) + value
     per_tau = best[inverse.reshape(-1)]
     return np.stack([per_tau >= cut for cut in cuts]).reshape(len(cuts), len(levels))
