@@ -227,8 +227,6 @@ def test_eval_loader_steps(synthetic):
 
 
 def test_backends_and_arguments():
-    with pytest.raises(ConfigError, match="'dali' is not available yet; valid: torch"):
-        build_loader(None, batch_size=2, backend="dali")
     with pytest.raises(ConfigError, match="unknown loader backend 'tf'"):
         build_loader(None, batch_size=2, backend="tf")
     with pytest.raises(ConfigError, match="exactly one"):

@@ -25,8 +25,10 @@ train carry labels only) is read as labels only. Class names come from ``classes
 metadata root when present, else from the train ids' folder names (CUB: ``001.Black_footed_Albatross``
 becomes ``Black_footed_Albatross``).
 
-``build_loader(dataset, ...)`` returns ``(loader, steps_per_epoch)`` behind a backend-neutral interface;
-the torch ``DataLoader`` is the one backend so far. Batches are ``(images, labels, indices)``.
+``build_loader(dataset, ...)`` returns ``(loader, steps_per_epoch)`` behind a backend-neutral interface
+(``--loader``): ``torch`` (``DataLoader`` + PIL + torchvision transforms), ``dali`` (NVIDIA DALI, GPU
+decoding with a CPU fallback, ``dali.py``) or ``auto`` (DALI when it is installed and the data set is
+image files with the protocol's transforms, else torch). Batches are ``(images, labels, indices)``.
 """
 
 from __future__ import annotations
@@ -52,8 +54,7 @@ from mmcam_fast.data.transforms import eval_transform, train_transform
 from mmcam_fast.errors import ConfigError, DataError, MMCamError
 
 DATA_NAMES = ("synthetic", "tiny-imagenet", "voc", "cub", "imagenet", "openimages")
-BACKENDS = ("torch",)
-PLANNED_BACKENDS = ("dali",)
+BACKENDS = ("auto", "dali", "torch")
 SPLITS = ("train", "val", "test")
 _BENCHMARK_FOLDERS = {"cub": "CUB", "imagenet": "ILSVRC", "openimages": "OpenImages"}
 DEFAULT_CACHE_ROOT = Path("runs/data")
@@ -247,12 +248,17 @@ class Loader:
     """
 
     def __init__(self, loader: DataLoader, steps_per_epoch: int, *, seed: int,
-                 batch_sampler: SetBatchSampler | None, generator: torch.Generator) -> None:
+                 batch_sampler: SetBatchSampler | None, generator: torch.Generator,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                 return_sizes: bool = False) -> None:
         self._loader = loader
         self.steps_per_epoch = steps_per_epoch
         self.batch_sampler = batch_sampler
         self._seed = seed
         self._generator = generator
+        self._dtype = dtype
+        self._channels_last = channels_last
+        self._return_sizes = return_sizes
         self.epoch = 0
         self._consumed = 0
         self.set_epoch(0)
@@ -290,7 +296,18 @@ class Loader:
                 _stop_workers(iterator)
                 raise
             self._consumed += 1
-            yield batch
+            yield self._finish(batch)
+
+    def _finish(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        images, labels, indices = batch
+        if self._channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if images.dtype != self._dtype:
+            images = images.to(self._dtype)
+        if not self._return_sizes:
+            return images, labels, indices
+        sizes = torch.tensor([self.dataset.original_size(int(i)) for i in indices], dtype=torch.int64)
+        return images, labels, indices, sizes.reshape(-1, 2)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"epoch": self.epoch, "position": self._consumed}
@@ -306,39 +323,72 @@ class Loader:
             self._consumed = int(state["sampler"]["position"])
 
 
+def resolve_backend(backend: str, dataset: Any) -> str:
+    """The backend ``--loader`` selects for ``dataset``: ``auto`` becomes ``dali`` when DALI is installed and
+    the data set is image files with the protocol's transforms, else ``torch``.
+
+    Raises:
+        ConfigError: an unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown loader backend {backend!r} (--loader); valid: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    from mmcam_fast.data.dali import dali_supports
+
+    return "dali" if dali_supports(dataset) else "torch"
+
+
 def build_loader(dataset: WSOLDataset, *, batch_sampler: SetBatchSampler | None = None,
                  batch_size: int | None = None, workers: int = 0, backend: str = "torch",
                  shuffle: bool = False, drop_last: bool = False, seed: int = 0,
                  pin_memory: bool | None = None, prefetch_factor: int | None = None,
-                 persistent_workers: bool = False) -> tuple[Loader, int]:
+                 persistent_workers: bool = False, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = False, return_sizes: bool = False, rank: int = 0,
+                 world_size: int = 1, decode_device: str | None = None,
+                 parallel: bool | None = None) -> tuple[Any, int]:
     """A loader over ``dataset`` and its number of steps per epoch.
 
     Args:
         dataset: the data set.
         batch_sampler: a ``SetBatchSampler`` for training; or give ``batch_size`` (evaluation).
         batch_size: images per batch when there is no ``batch_sampler``.
-        workers: loader worker processes (``--workers``); 0 loads in the calling process.
-        backend: the loading backend; ``"torch"`` (``DataLoader`` + PIL + torchvision transforms).
+        workers: loader worker processes (``--workers``); 0 loads in the calling process. With DALI:
+            its CPU threads (at least one), and its Python workers when ``parallel``.
+        backend: ``"torch"``, ``"dali"`` or ``"auto"`` (``--loader``, see ``resolve_backend``).
         shuffle, drop_last: for ``batch_size`` loaders.
-        seed: seeds the workers' augmentation RNGs per epoch (and the order when ``shuffle``).
-        pin_memory: default: when CUDA is available.
+        seed: seeds the augmentation (and the order when ``shuffle``).
+        pin_memory: default: when CUDA is available (torch backend).
         prefetch_factor, persistent_workers: passed to the ``DataLoader`` when ``workers > 0``.
+        dtype: the images' dtype (float32, float16 or bfloat16).
+        channels_last: images in channels-last memory (still ``[B, 3, C, C]`` tensors).
+        return_sizes: yield a fourth tensor, the original ``(width, height)`` of each image, int64.
+        rank, world_size: shard of a ``batch_size`` loader (every ``world_size``-th image from
+            ``rank``); a ``SetBatchSampler`` shards by itself.
+        decode_device, parallel: DALI only (``dali.DaliLoader``): ``"mixed"`` (GPU) or ``"cpu"``
+            decoding, and a parallel external source.
 
     Returns:
-        ``(loader, steps_per_epoch)``.
+        ``(loader, steps_per_epoch)``; the loader is a ``Loader`` or a ``dali.DaliLoader``.
 
     Raises:
         ConfigError: an unknown or unavailable backend, or neither/both of batch_sampler and batch_size.
     """
-    if backend not in BACKENDS:
-        if backend in PLANNED_BACKENDS:
-            raise ConfigError(f"loader backend {backend!r} is not available yet; "
-                              f"valid: {', '.join(BACKENDS)}")
-        raise ConfigError(f"unknown loader backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    backend = resolve_backend(backend, dataset)
     if (batch_sampler is None) == (batch_size is None):
         raise ConfigError("build_loader needs exactly one of batch_sampler and batch_size")
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} is not in a world of size {world_size}")
+    if backend == "dali":
+        from mmcam_fast.data.dali import build_dali_loader
+
+        return build_dali_loader(dataset, batch_sampler=batch_sampler, batch_size=batch_size,
+                                 shuffle=shuffle, drop_last=drop_last, seed=seed, workers=workers,
+                                 decode_device=decode_device, parallel=parallel, dtype=dtype,
+                                 channels_last=channels_last, return_sizes=return_sizes, rank=rank,
+                                 world_size=world_size)
     generator = torch.Generator()
     options: dict[str, Any] = {"num_workers": workers, "generator": generator,
                                "pin_memory": torch.cuda.is_available() if pin_memory is None else pin_memory}
@@ -353,6 +403,15 @@ def build_loader(dataset: WSOLDataset, *, batch_sampler: SetBatchSampler | None 
         assert batch_size is not None
         if batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **options)
-        steps = len(dataset) // batch_size if drop_last else math.ceil(len(dataset) / batch_size)
-    return Loader(loader, steps, seed=seed, batch_sampler=batch_sampler, generator=generator), steps
+        if world_size > 1:
+            if shuffle:
+                raise ConfigError("a sharded (world_size > 1) evaluation loader does not shuffle")
+            shard = range(rank, len(dataset), world_size)
+            loader = DataLoader(dataset, batch_size=batch_size, sampler=shard, drop_last=drop_last, **options)
+        else:
+            loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last,
+                                **options)
+        size = len(range(rank, len(dataset), world_size))
+        steps = size // batch_size if drop_last else math.ceil(size / batch_size)
+    return Loader(loader, steps, seed=seed, batch_sampler=batch_sampler, generator=generator, dtype=dtype,
+                  channels_last=channels_last, return_sizes=return_sizes), steps
