@@ -132,3 +132,40 @@ def test_every_real_metadata_folder_parses():
         else:
             gt = gt_boxes_224(metadata)
             assert all(0 <= b[0] <= b[2] <= 223 and 0 <= b[1] <= b[3] <= 223 for v in gt.values() for b in v)
+
+
+def test_vectorized_areas_and_boxes_equal_opencv():
+    from mmcam_fast.evaluation.box_fast import _contour_boxes
+
+    for scoremap in realistic_scoremaps(4, seed=8, noisy_fraction=1.0):
+        u = to_uint8(scoremap)
+        for t in (20, 120, 220):
+            contours = cv2.findContours(((u > t) * 255).astype(np.uint8), cv2.RETR_TREE,
+                                        cv2.CHAIN_APPROX_SIMPLE)[0]
+            boxes, _ = _contour_boxes(list(contours), np.array([len(contours)]), True, 224, 224)
+            for contour, box in zip(contours, boxes, strict=True):
+                x, y, w, h = cv2.boundingRect(contour)
+                assert tuple(box) == (x, y, min(x + w, 223), min(y + h, 223))
+            chosen, _ = _contour_boxes(list(contours), np.array([len(contours)]), False, 224, 224)
+            x, y, w, h = cv2.boundingRect(max(contours, key=cv2.contourArea))
+            assert tuple(chosen[0]) == (x, y, min(x + w, 223), min(y + h, 223))
+
+
+def test_ties_of_the_largest_contour_are_broken_like_the_reference():
+    # Ten equal 3x3 squares (area 4 each) and GT on one of them: the reference keeps the first
+    # square in OpenCV's contour order (its box, 4x4 pixels, has IoU 9 / 16 with its square); any
+    # other choice changes the count.
+    rng = np.random.default_rng(9)
+    scoremap = np.zeros((224, 224))
+    grid = rng.permutation(np.mgrid[0:10, 0:10].reshape(2, -1).T)[:10] * 22 + 2
+    corners = [(int(x), int(y)) for x, y in grid]
+    for x, y in corners:
+        scoremap[y:y + 3, x:x + 3] = 1.0
+    contours = cv2.findContours((scoremap * 255).astype(np.uint8), cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[0]
+    assert len({cv2.contourArea(c) for c in contours}) == 1 and len(contours) == 10
+    first = cv2.boundingRect(contours[0])[:2]
+    for x, y in corners:
+        gt = [(x, y, x + 2, y + 2)]
+        expected = box_correct_reference(scoremap, gt, [0.5], [50], False)
+        assert expected[0, 0] == ((x, y) == first)
+        np.testing.assert_array_equal(box_correct_fast(scoremap, gt, [0.5], [50], False), expected)
