@@ -521,14 +521,17 @@ def cam_mask_ref(
     labels: torch.Tensor,
     images: torch.Tensor,
     *,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Plain-PyTorch specification of :func:`cam_mask` (METHOD.md Stage II steps 3-6).
 
-    Computed literally in ``compute_dtype`` (fp32 by default; the tests also run it in bf16/fp16 to
-    measure PyTorch's own rounding error). The min/max are ``amin``/``amax``, whose gradient is split
-    evenly among tied cells. Differentiable w.r.t. every input.
+    Computed literally in ``compute_dtype``; by default the inputs' promoted dtype, at least fp32
+    (the kernels accumulate in fp32; fp64 inputs stay fp64). The tests also run it in bf16/fp16 to
+    measure PyTorch's own rounding error. The min/max are ``amin``/``amax``, whose gradient is split
+    evenly among tied cells. Differentiable w.r.t. every input. Returns ``images``' dtype.
     """
+    if compute_dtype is None:
+        compute_dtype = _at_least_fp32(features, weight, images)
     class_weights = weight.to(compute_dtype)[labels]  # [B, K]
     cam = torch.einsum("bk,bkhw->bhw", class_weights, features.to(compute_dtype))
     lo = cam.amin(dim=(1, 2), keepdim=True)
@@ -538,3 +541,10 @@ def cam_mask_ref(
         heat[:, None], size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False
     )
     return (images.to(compute_dtype) * heat_up).to(images.dtype)
+
+
+def _at_least_fp32(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

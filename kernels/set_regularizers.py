@@ -226,13 +226,16 @@ def set_regularizers_ref(
     f_orig: torch.Tensor,
     set_size: int,
     *,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch specification of :func:`set_regularizers`: the pair means taken literally.
 
-    O(S^2 K) per set over the explicit pairs i < j; computed in ``compute_dtype``.
+    O(S^2 K) per set over the explicit pairs i < j; computed in ``compute_dtype``, by default the
+    inputs' promoted dtype, at least fp32 (fp64 inputs stay fp64).
     """
     check_set_size(f.shape[0], set_size)
+    if compute_dtype is None:
+        compute_dtype = torch.promote_types(torch.promote_types(f.dtype, f_orig.dtype), torch.float32)
     batch, dims = f.shape
     sets = f.to(compute_dtype).reshape(batch // set_size, set_size, dims)
     first, second = torch.triu_indices(set_size, set_size, offset=1, device=f.device)
