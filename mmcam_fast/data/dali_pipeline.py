@@ -83,6 +83,16 @@ def _decode_one(source):
     return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
 
 
+class _Items:
+    """A per-sample source over a list (DALI inspects the callable's positional parameters)."""
+
+    def __init__(self, items: list[np.ndarray]) -> None:
+        self.items = items
+
+    def __call__(self, sample_info):
+        return self.items[sample_info.idx_in_epoch]
+
+
 def dali_decode_failures(encoded: Sequence[np.ndarray]) -> list[int]:
     """Which of these encoded images DALI's CPU decoder refuses (positions in ``encoded``).
 
@@ -92,8 +102,7 @@ def dali_decode_failures(encoded: Sequence[np.ndarray]) -> list[int]:
     failures: list[int] = []
     start = 0
     while start < len(encoded):
-        items = list(encoded[start:])
-        pipe = _decode_one(source=lambda info, items=items: items[info.idx_in_epoch])
+        pipe = _decode_one(source=_Items(list(encoded[start:])))
         pipe.build()
         done = start
         try:

@@ -139,9 +139,13 @@ def encoded_for_dali(path: str | Path) -> np.ndarray:
 
 
 def unreadable_reason(path: str | Path) -> str | None:
-    """Why ``path`` is unreadable (the torch backend's wording), or None when it is readable."""
+    """Why PIL cannot read ``path`` (the torch backend's wording), or None when it can.
+
+    A full decode, for error paths only: the screen is not consulted, so this is the torch backend's
+    definition of an unreadable file even for a file that DALI's decoder met.
+    """
     try:
-        encoded_for_dali(path)
+        load_rgb(path)
     except UNREADABLE_IMAGE_ERRORS as error:
         return describe_unreadable(path, error)
     return None
