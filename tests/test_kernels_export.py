@@ -83,3 +83,55 @@ def test_forward_and_backward_trace_to_one_node_each():
     graph = make_fx(step, tracing_mode="fake")(weight, features, labels, images, f, f_orig).graph
     assert op_counts(graph) == dict.fromkeys(MMCAM_OPS, 1), graph
     assert kernel_nodes(graph) == [], graph
+
+
+def test_torch_compile_traces_forward_and_backward_without_graph_breaks():
+    # torch.compile (Dynamo + AOTAutograd, fullgraph) traces into the triton_ops: the compiled
+    # forward and backward graphs hold the kernels themselves. Fake tensors: nothing is launched.
+    # (Without a GPU driver Triton cannot analyse which arguments a kernel writes, and torch logs a
+    # warning and assumes all of them; on a GPU that analysis runs.)
+    from torch._functorch.aot_autograd import aot_module_simplified, make_boxed_func
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graphs = {}
+
+    def backend(gm, example_inputs):
+        def keep(name):
+            def compiler(graph, _inputs):
+                graphs[name] = graph
+                return make_boxed_func(graph.forward)
+
+            return compiler
+
+        return aot_module_simplified(
+            gm, example_inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward")
+        )
+
+    def step(weight, features, labels, images, f, f_orig):
+        masked = mmcam_kernels.cam_mask(features, weight, labels, images)
+        crr, frr = mmcam_kernels.set_regularizers(f + masked.mean() * f, f_orig, 2)
+        return crr + 10.0 * frr
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    mode = FakeTensorMode()
+    weight = mode.from_tensor(torch.randn(3, 32, requires_grad=True))
+    inputs = [mode.from_tensor(t) for t in example_inputs()]
+    with mode:
+        compiled(weight, *inputs).backward()
+
+    def kernels(graph):
+        return [
+            kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__
+            for node in graph.graph.nodes
+            if "triton_kernel_wrapper" in str(node.target)
+        ]
+
+    assert kernels(graphs["forward"]) == [
+        "_cam_mask_fwd_cam_kernel", "_cam_mask_fwd_kernel", "_set_regularizers_fwd_kernel",
+    ]  # fmt: skip
+    assert sorted(kernels(graphs["backward"])) == sorted([
+        "_set_regularizers_bwd_kernel", "_cam_mask_bwd_map_kernel", "_cam_mask_bwd_norm_kernel",
+        "_cam_mask_bwd_kernel", "_cam_mask_bwd_reduce_kernel",
+    ])  # fmt: skip
