@@ -77,11 +77,11 @@ def test_fast_equals_reference_at_1000_thresholds(multi):
 
 @pytest.mark.parametrize(("dataset", "split", "seed"), [("CUB", "test", 3), ("ILSVRC", "val", 4)])
 def test_fast_equals_reference_on_real_boxes(dataset, split, seed):
-    # real ground truth (rescaled), maps peaking inside it; 80 images, both box modes, the
+    # real ground truth (rescaled), maps peaking inside it; 100 images, both box modes, the
     # evaluator's counts compared directly
     metadata = load_metadata(META / dataset / split)
     gt = gt_boxes_224(metadata)
-    ids = list(np.random.default_rng(seed).choice(metadata.image_ids, 80, replace=False))
+    ids = list(np.random.default_rng(seed).choice(metadata.image_ids, 100, replace=False))
     maps = realistic_scoremaps(len(ids), seed=seed, gt_boxes=[gt[i] for i in ids])
     for multi in (False, True):
         evaluators = [BoxEvaluator(gt, multi_contour=multi, impl=impl) for impl in ("reference", "fast")]
