@@ -44,7 +44,13 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     device: str = "cpu"
-    impl: str = "reference"
+    impl: str = "fast"  # or "reference": the plain-PyTorch step every fast path is tested against
+    amp: str = "auto"  # fast engine: auto (bf16 where supported), bf16, fp16 (with GradScaler), off
+    # fast engine: torch.compile the Stage I and Stage II computations; None = on CUDA only (on a
+    # 2-core CPU compiling takes minutes, more than it saves in a short run)
+    compile: bool | None = None
+    channels_last: bool = True  # fast engine: channels-last memory format end to end
+    cuda_graphs: bool = True  # fast engine on CUDA: Stage II replayed from CUDA graphs
     bad_images: str = "error"  # or "skip": substitute another image of the same class, counted
     log_every: int = 10
     eval_every: int = 1  # epochs; 0 disables per-epoch validation
@@ -75,6 +81,8 @@ class TrainConfig:
             (self.lambda_crr >= 0 and self.lambda_frr >= 0, "--lambda-crr/--lambda-frr must be >= 0"),
             (self.image_size >= 16, "--image-size must be at least 16"),
             (self.bad_images in ("error", "skip"), "--bad-images must be 'error' or 'skip'"),
+            (self.impl in ("fast", "reference"), "--impl must be 'fast' or 'reference'"),
+            (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of auto, bf16, fp16, off"),
             (0 < self.cam_curve_interval < 1, "--cam-curve-interval must be in (0, 1)"),
         ]
         for ok, message in checks:

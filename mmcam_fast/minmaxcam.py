@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcam_fast import ops
+
 # eps of the CAM min-max normalisation: H = (H_raw - min) / (max - min + CAM_EPS). A constant map
 # (max == min) gives H = 0, hence an all-zero masked image, instead of NaN. 1e-6 is far below the
 # spread of any non-degenerate CAM (fc.weight rows times ReLU / BN features), so it does not move
@@ -51,7 +53,7 @@ def frozen_call(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def masked_images_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                             images: torch.Tensor) -> torch.Tensor:
     """Stage II steps 3-6: CAM of the label, min-max over h*w, bilinear upsample, multiply the image."""
-    cams = torch.einsum("bk,bkhw->bhw", weight[labels], features)  # H_raw [B, h, w]
+    cams = _at_least_fp32(torch.einsum("bk,bkhw->bhw", weight[labels], features))  # H_raw [B, h, w]
     low = cams.amin(dim=(1, 2), keepdim=True)
     high = cams.amax(dim=(1, 2), keepdim=True)
     normalized = (cams - low) / (high - low + CAM_EPS)
@@ -98,21 +100,34 @@ def stage2_losses(backbone: nn.Module, fc: nn.Linear, images: torch.Tensor, labe
     """
     if impl not in STAGE2_IMPLS:
         raise ValueError(f"impl={impl!r}: choose one of {', '.join(STAGE2_IMPLS)}")
-    check_set_layout(images.shape[0], set_size)
     with eval_mode(backbone):
-        with torch.no_grad():
-            features = backbone(images)  # F = B(x), with the weights as updated by Stage I
-        f_o = features.mean(dim=(2, 3))  # [B, K], a constant
-        if impl == "reference":
-            masked = masked_images_reference(features, fc.weight, labels, images)
-        else:
-            from mmcam_fast import ops
+        return stage2_core(backbone, fc.weight, images, labels, set_size,
+                           kernels=None if impl == "auto" else impl)
 
-            masked = ops.cam_mask(features, fc.weight, labels, images,
-                                  impl=None if impl == "auto" else impl)
-        f = frozen_call(backbone, masked).mean(dim=(2, 3))  # [B, K]
-    if impl == "reference":
+
+def stage2_core(backbone: nn.Module, weight: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                set_size: int, *, kernels: str | None = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage II steps 2-8 with the backbone already in eval mode: no module state changes here.
+
+    This is the part the fast engine compiles (whole, ``fullgraph=True``), under autocast.
+    ``kernels="reference"`` is this module's literal code; ``"triton"`` or None go through
+    :mod:`mmcam_fast.ops` (None: its dispatch rule). CAMs, their normalisation and the losses are
+    computed in at least fp32 whatever the autocast dtype of the backbone.
+    """
+    check_set_layout(images.shape[0], set_size)
+    with torch.no_grad():
+        features = backbone(images)  # F = B(x), with the weights as updated by Stage I
+    f_o = features.mean(dim=(2, 3))  # [B, K], a constant
+    if kernels == "reference":
+        masked = masked_images_reference(features, weight, labels, images)
+    else:
+        masked = ops.cam_mask(features, weight, labels, images, impl=kernels)
+    f = frozen_call(backbone, masked).mean(dim=(2, 3))  # [B, K]
+    f, f_o = _at_least_fp32(f), _at_least_fp32(f_o)
+    if kernels == "reference":
         return set_regularizers_reference(f, f_o, set_size)
-    from mmcam_fast import ops
+    return ops.set_regularizers(f, f_o, set_size, impl=kernels)
 
-    return ops.set_regularizers(f, f_o, set_size, impl=None if impl == "auto" else impl)
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))

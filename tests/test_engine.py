@@ -14,7 +14,8 @@ from mmcam_fast.models import create_model
 def _setup(lambda_crr=1.0, lambda_frr=1.0):
     torch.manual_seed(0)
     model = create_model("resnet18", 3)
-    config = TrainConfig(set_size=2, sets_per_batch=2, lr=0.001, lambda_crr=lambda_crr, lambda_frr=lambda_frr)
+    config = TrainConfig(set_size=2, sets_per_batch=2, lr=0.001, lambda_crr=lambda_crr, lambda_frr=lambda_frr,
+                         impl="reference")
     images = torch.randn(4, 3, 32, 32)
     labels = torch.tensor([0, 0, 2, 2])
     return model, Trainer(model, config), images, labels
