@@ -388,7 +388,7 @@ def cam_mask_fwd(
     # The weight is [C, K], tiny next to F: reading it in fp32 keeps one kernel variant per
     # features dtype (a bf16-cast model gives a bf16 weight; autocast keeps it fp32).
     weight = weight.float()
-    labels = labels.long()
+    labels = labels.long().contiguous()
     cam = torch.empty((B, P), device=features.device, dtype=torch.float32)
     # Same dtype and strides as the images when they are dense (channels-last stays channels-last).
     masked = torch.empty_like(images)
@@ -431,7 +431,7 @@ def cam_mask_bwd(
     # The incoming gradient may be an expanded stride-0 tensor (the gradient of .sum()): the
     # kernel indexes it through its own strides, so it is read correctly without a copy.
     features = spatially_flat(features)
-    labels = labels.long()
+    labels = labels.long().contiguous()
     grad_cam = torch.empty((B, P), device=features.device, dtype=torch.float32)
     partial = torch.empty((B, K), device=features.device, dtype=torch.float32)
     grad_weight = torch.empty((num_classes, K), device=features.device, dtype=torch.float32)

@@ -194,3 +194,16 @@ def test_constant_maps_are_finite():
     noise = float(features[0].abs().max() * (grad_out * images).abs().sum() / CAM_EPS * 25 * 2.0**-23)
     assert_close(grad_ref[0], grad_fp64[0], atol=noise, rtol=0, what="fp32 reference, constant map row")
     assert_close(grad[0], grad_fp64[0], atol=noise, rtol=0, what="kernel, constant map row")
+
+
+def test_strided_labels_and_weight():
+    # Labels as a strided view and the weight stored transposed (strides (1, C)): both are read
+    # through their strides / made contiguous by the launcher, not assumed dense.
+    features, weight, _, images, grad_out = make_inputs(3, 40, 6, 30, 30, 5, torch.float32, True)
+    labels = torch.tensor([4, 9, 0, 9, 2, 9])[::2]  # [4, 0, 2]
+    weight_t = weight.t().contiguous().t()
+    assert not labels.is_contiguous() and weight_t.stride() == (1, 5)
+    out, grad = value_and_weight_grad(cam_mask, features, weight_t, labels, images, grad_out)
+    out_ref, grad_ref = value_and_weight_grad(cam_mask_ref, features, weight, labels, images, grad_out)
+    assert_close(out, out_ref, atol=1e-5, rtol=1e-5, what="masked images")
+    assert_close(grad, grad_ref, atol=1e-5 * float(grad_ref.abs().max()), rtol=1e-4, what="dL/dW")
