@@ -525,22 +525,25 @@ def cam_mask_ref(
 ) -> torch.Tensor:
     """Plain-PyTorch specification of :func:`cam_mask` (METHOD.md Stage II steps 3-6).
 
-    Computed literally in ``compute_dtype``; by default the inputs' promoted dtype, at least fp32
-    (the kernels accumulate in fp32; fp64 inputs stay fp64). The tests also run it in bf16/fp16 to
-    measure PyTorch's own rounding error. The min/max are ``amin``/``amax``, whose gradient is split
-    evenly among tied cells. Differentiable w.r.t. every input. Returns ``images``' dtype.
+    Computed literally in ``compute_dtype``, also under autocast; by default the inputs' promoted
+    dtype, at least fp32 (the kernels accumulate in fp32; fp64 inputs stay fp64). The tests also run
+    it in bf16/fp16 to measure PyTorch's own rounding error. The min/max are ``amin``/``amax``, whose
+    gradient is split evenly among tied cells. Differentiable w.r.t. every input. Returns ``images``'
+    dtype.
     """
     if compute_dtype is None:
         compute_dtype = _at_least_fp32(features, weight, images)
-    class_weights = weight.to(compute_dtype)[labels]  # [B, K]
-    cam = torch.einsum("bk,bkhw->bhw", class_weights, features.to(compute_dtype))
-    lo = cam.amin(dim=(1, 2), keepdim=True)
-    hi = cam.amax(dim=(1, 2), keepdim=True)
-    heat = (cam - lo) / (hi - lo + CAM_EPS)
-    heat_up = F.interpolate(
-        heat[:, None], size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False
-    )
-    return (images.to(compute_dtype) * heat_up).to(images.dtype)
+    # Autocast would run the einsum in bf16/fp16 whatever compute_dtype says: the reference opts out.
+    with torch.autocast(features.device.type, enabled=False):
+        class_weights = weight.to(compute_dtype)[labels]  # [B, K]
+        cam = torch.einsum("bk,bkhw->bhw", class_weights, features.to(compute_dtype))
+        lo = cam.amin(dim=(1, 2), keepdim=True)
+        hi = cam.amax(dim=(1, 2), keepdim=True)
+        heat = (cam - lo) / (hi - lo + CAM_EPS)
+        heat_up = F.interpolate(
+            heat[:, None], size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False
+        )
+        return (images.to(compute_dtype) * heat_up).to(images.dtype)
 
 
 def _at_least_fp32(*tensors: torch.Tensor) -> torch.dtype:

@@ -230,16 +230,17 @@ def set_regularizers_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch specification of :func:`set_regularizers`: the pair means taken literally.
 
-    O(S^2 K) per set over the explicit pairs i < j; computed in ``compute_dtype``, by default the
-    inputs' promoted dtype, at least fp32 (fp64 inputs stay fp64).
+    O(S^2 K) per set over the explicit pairs i < j; computed in ``compute_dtype`` (also under
+    autocast), by default the inputs' promoted dtype, at least fp32 (fp64 inputs stay fp64).
     """
     check_set_size(f.shape[0], set_size)
     if compute_dtype is None:
         compute_dtype = torch.promote_types(torch.promote_types(f.dtype, f_orig.dtype), torch.float32)
     batch, dims = f.shape
-    sets = f.to(compute_dtype).reshape(batch // set_size, set_size, dims)
-    first, second = torch.triu_indices(set_size, set_size, offset=1, device=f.device)
-    pair_mse = ((sets[:, first] - sets[:, second]) ** 2).mean(dim=2)  # [N, S(S-1)/2]
-    crr = pair_mse.mean(dim=1).mean()
-    frr = ((f.to(compute_dtype) - f_orig.detach().to(compute_dtype)) ** 2).mean(dim=1).mean()
-    return crr, frr
+    with torch.autocast(f.device.type, enabled=False):  # compute_dtype, whatever autocast says
+        sets = f.to(compute_dtype).reshape(batch // set_size, set_size, dims)
+        first, second = torch.triu_indices(set_size, set_size, offset=1, device=f.device)
+        pair_mse = ((sets[:, first] - sets[:, second]) ** 2).mean(dim=2)  # [N, S(S-1)/2]
+        crr = pair_mse.mean(dim=1).mean()
+        frr = ((f.to(compute_dtype) - f_orig.detach().to(compute_dtype)) ** 2).mean(dim=1).mean()
+        return crr, frr

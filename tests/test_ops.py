@@ -156,6 +156,20 @@ def test_set_regularizers_ref_agrees_with_an_explicit_pair_loop(batch, set_size)
     torch.testing.assert_close(frr, frr_method, rtol=1e-12, atol=1e-14)
 
 
+def test_references_ignore_autocast():
+    # The references compute in their compute dtype (fp32 here) even inside an autocast region,
+    # where einsum would otherwise run in bf16.
+    gen = torch.Generator().manual_seed(1)
+    features, images = torch.randn(2, 64, 7, 7, generator=gen), torch.randn(2, 3, 20, 20, generator=gen)
+    weight, labels = torch.randn(3, 64, generator=gen), torch.tensor([0, 2])
+    f, f_orig = torch.randn(4, 64, generator=gen), torch.randn(4, 64, generator=gen)
+    expected = mmcam_kernels.cam_mask_ref(features, weight, labels, images)
+    losses = mmcam_kernels.set_regularizers_ref(f, f_orig, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(mmcam_kernels.cam_mask_ref(features, weight, labels, images), expected)
+        assert mmcam_kernels.set_regularizers_ref(f, f_orig, 2) == losses
+
+
 def test_the_method_uses_the_kernels_eps():
     from mmcam_fast import minmaxcam
 
