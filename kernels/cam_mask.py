@@ -6,21 +6,23 @@ and the multiply with the input images, with the gradient w.r.t. the classifier 
     out[b]   = x[b] * bilinear_up(H[b], (H, W), align_corners=False)
 
 The unfused PyTorch version materialises the class-weight gather, the [B, h, w] map in several
-copies, the [B, 1, H, W] upsampled map and the product; here the forward reads F once and the images
-once, and the backward reads F, the images and the incoming gradient once each (the upsampling
-adjoint re-reads a few image rows per source row), writing only [B, h*w] and [B, K] fp32 scratch.
+copies, the [B, 1, H, W] upsampled map and the product, and its upsampling backward uses atomics on
+CUDA. Here the forward reads F once and the images once; the backward reads F once and the images
+and the incoming gradient 2 to 2.5 times (neighbouring source rows' stencils overlap), writing only
+[B, h*w] and [B, K] fp32 scratch. Nothing uses atomics.
 
 Forward: two kernels, because the min/max needs the whole map before any pixel can be written.
-  ``_cam_mask_fwd_cam_kernel``  grid (B, h*w blocks): H_raw, a K-reduction, into fp32 scratch.
-  ``_cam_mask_fwd_kernel``      grid (B, H*W blocks): min/max of the map, normalise the four
-                                bilinear corners, interpolate, multiply the 3 channels, store.
-Backward (gradient w.r.t. W only; deterministic, no atomics): three kernels.
+  ``_cam_mask_fwd_cam_kernel``    grid (B, h*w blocks): H_raw, a K-reduction, into fp32 scratch.
+  ``_cam_mask_fwd_kernel``        grid (B, H blocks, W blocks): min/max of the map, normalise the
+                                  four bilinear corners, interpolate, multiply the 3 channels.
+Backward (gradient w.r.t. W only): four kernels.
   ``_cam_mask_bwd_map_kernel``    grid (B, h): dL/dH for source row i = the bilinear adjoint of
                                   sum_c dL/dout * x, gathered over the output pixels that touch i.
-  ``_cam_mask_bwd_kernel``        grid (B, K blocks): through the min-max normalisation (the min
-                                  and max are piecewise: their gradient is split evenly over tied
-                                  cells, as autograd of ``amin``/``amax`` does) and the K-contraction
-                                  with F, into a per-sample fp32 partial [B, K].
+  ``_cam_mask_bwd_norm_kernel``   grid (B,): through the min-max normalisation, in place: the min
+                                  and max are piecewise, their gradient is split evenly over tied
+                                  cells (as autograd of ``amin``/``amax`` does).
+  ``_cam_mask_bwd_kernel``        grid (B, K blocks): the K-contraction with F into a per-sample
+                                  fp32 partial [B, K].
   ``_cam_mask_bwd_reduce_kernel`` grid (C, K blocks): dW[c] = sum of the partials of the samples
                                   labelled c, in batch order (rows of absent classes are zero).
 
