@@ -8,10 +8,12 @@ protocol's layout), metadata from ``<metadata-root>/<dataset>/<split>/``, masks 
 
 The last line of stdout is one JSON object with the results.
 
-Mode (b), not implemented yet: checkpoint + data set -> CAMs -> score maps in memory. It plugs in
-as a generator of ``(image_id, scoremap)`` pairs handed to
-:func:`mmcam_fast.evaluation.protocol.evaluate_scoremaps` in place of ``iter_scoremaps`` below
-(see ``_scoremaps_from_files``); the images it loads can feed ``write_overlays`` directly.
+Mode (b): a training checkpoint and a data set: the CAMs are computed here (ground-truth class for
+MaxBoxAcc / MaxBoxAccV2 / GT-known Loc / PxAP, the top-5 predictions for Top-1 / Top-5 Loc), score
+maps optionally exported in the same layout, overlays optionally written::
+
+    mmcam-evaluate --checkpoint runs/x/checkpoints/best.pt --data tiny-imagenet \
+        --data-root ../shared/data/tiny-imagenet-5 --split val --overlays 16 --overlay-dir runs/x/overlays
 """
 
 from __future__ import annotations
@@ -41,15 +43,23 @@ from mmcam_fast.evaluation.protocol import MASK_DATASETS
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmcam-evaluate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scoremap-root", required=True, type=Path,
+    parser.add_argument("--checkpoint", type=Path,
+                        help="mode (b): a training checkpoint; CAMs are computed from it")
+    parser.add_argument("--data", help="mode (b): data set name (default: the checkpoint's)")
+    parser.add_argument("--data-root", help="mode (b): data root (default: the checkpoint's)")
+    parser.add_argument("--export-scoremaps", type=Path, metavar="DIR",
+                        help="mode (b): also save every score map as DIR/<image_id>.npy")
+    parser.add_argument("--device", default="cpu", help="mode (b): device of the model")
+    parser.add_argument("--batch-size", type=int, default=32, help="mode (b): images per batch")
+    parser.add_argument("--scoremap-root", type=Path,
                         help="folder of <image_id>.npy score maps (224x224, float, in [0, 1])")
-    parser.add_argument("--metadata-root", required=True, type=Path,
+    parser.add_argument("--metadata-root", type=Path,
                         help="metadata root; the split is read from <metadata-root>/<dataset>/<split>/")
     parser.add_argument("--mask-root", type=Path,
                         help="mask root (OpenImages): masks are <mask-root>/OpenImages/<mask path>")
-    parser.add_argument("--dataset", required=True,
+    parser.add_argument("--dataset",
                         help="CUB, ILSVRC (alias imagenet) or OpenImages; any case")
-    parser.add_argument("--split", required=True, help="split folder, e.g. val or test")
+    parser.add_argument("--split", help="split folder, e.g. val or test (mode (b) default: test)")
     parser.add_argument("--cam-curve-interval", type=float, default=0.01,
                         help="CAM thresholds are arange(0, 1, interval) (default 0.01: 100 thresholds)")
     parser.add_argument("--iou-threshold-list", type=int, nargs="+", default=list(DEFAULT_IOU_THRESHOLDS),
@@ -92,8 +102,43 @@ def _write_overlays(args: argparse.Namespace, metadata, result: dict) -> list[Pa
     )
 
 
+def run_checkpoint(args: argparse.Namespace) -> dict:
+    """Mode (b): CAMs of a checkpoint on a data set split, evaluated in memory."""
+    from mmcam_fast.data.loaders import build_datasets
+    from mmcam_fast.localization import evaluate_localization, load_trained_model
+
+    if args.scoremap_root is not None:
+        raise ConfigError("--checkpoint and --scoremap-root are two modes: give one of them")
+    if args.overlays and args.overlay_dir is None:
+        raise ConfigError("--overlays N needs --overlay-dir")
+    split = args.split or "test"
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"--split {split!r}: expected train, val or test")
+    model, config, _ = load_trained_model(args.checkpoint, args.device)
+    data = build_datasets(args.data or config.data, args.data_root or config.data_root,
+                          image_size=config.image_size,
+                          metadata_root=args.metadata_root or config.metadata_root, mask_root=args.mask_root)
+    dataset = getattr(data, split)
+    dataset.transform = data.test.transform  # evaluation transform, also for the train split
+    result = evaluate_localization(
+        model, dataset, device=args.device, cam_curve_interval=args.cam_curve_interval,
+        iou_thresholds=tuple(args.iou_threshold_list), batch_size=args.batch_size, impl=args.impl,
+        scoremap_root=args.export_scoremaps, overlays=args.overlays, overlay_dir=args.overlay_dir)
+    result.update(dataset=args.data or config.data, split=split, checkpoint=str(args.checkpoint))
+    if "overlays" in result:
+        result["overlays"] = len(result["overlays"])
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed flags say; returns the result dict (also what is printed)."""
+    if args.checkpoint is not None:
+        return run_checkpoint(args)
+    missing = [flag for flag, value in (("--scoremap-root", args.scoremap_root),
+                                        ("--metadata-root", args.metadata_root), ("--dataset", args.dataset),
+                                        ("--split", args.split)) if value is None]
+    if missing:
+        raise ConfigError(f"score-map mode needs {', '.join(missing)} (or give --checkpoint for mode (b))")
     dataset = dataset_name(args.dataset)
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
@@ -129,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{result['dataset']} {result['split']}: MaxBoxAcc {result['maxboxacc']:.2f} "
               f"(tau {result['maxboxacc_threshold']:.3f}), MaxBoxAccV2 {result['maxboxacc_v2']:.2f} "
               f"over {result['images']} images")
+        if "top1_loc" in result:
+            print(f"  GT-known Loc {result['gt_known_loc']:.2f}, Top-1 Loc {result['top1_loc']:.2f}, "
+                  f"Top-5 Loc {result['top5_loc']:.2f}, Top-1 Cls {result['top1_cls']:.2f}")
         per_iou = ", ".join(f"IoU {k}: {v:.2f} (tau {result['best_threshold'][k]:.3f})"
                             for k, v in result["per_iou"].items())
         print(f"  multi-contour per IoU: {per_iou}")

@@ -16,6 +16,8 @@ import cv2
 import numpy as np
 import torch
 
+from mmcam_fast.checkpoint import load_checkpoint
+from mmcam_fast.config import TrainConfig
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.images import load_rgb
 from mmcam_fast.errors import DataError
@@ -30,9 +32,22 @@ from mmcam_fast.evaluation import (
     save_scoremaps,
     write_overlays,
 )
+from mmcam_fast.models import create_model
 from mmcam_fast.models.cam_model import CAMModel
 
 TOPK = 5
+
+
+def load_trained_model(path: str | Path, device: torch.device | str = "cpu"
+                       ) -> tuple[CAMModel, TrainConfig, list[str]]:
+    """A model from a training checkpoint, in eval mode: (model, its config, class names)."""
+    state = load_checkpoint(path)
+    config = TrainConfig.from_dict(state["config"], source=str(path))
+    classes = list(state.get("classes") or [])
+    num_classes = state["model"]["fc.weight"].shape[0]
+    model = create_model(config.backbone, num_classes, large_feature_map=config.large_feature_map)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), config, classes or [str(c) for c in range(num_classes)]
 
 
 @torch.no_grad()

@@ -16,16 +16,6 @@ from mmcam_fast.errors import ConfigError
 from mmcam_fast.train import main, parse_args
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    data_root = tmp_path_factory.mktemp("data") / "synthetic"
-    main(["--data", "synthetic", "--data-root", str(data_root), "--backbone", "resnet18",
-          "--epochs", "2", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out),
-          "--log-every", "3", "--sets-per-batch", "2", "--set-size", "3"])
-    return out
-
-
 def test_run_folder_holds_config_metrics_checkpoints_and_final_metrics(finished_run):
     config = yaml.safe_load((finished_run / "config.yaml").read_text())
     assert config["backbone"] == "resnet18" and config["set_size"] == 3 and config["sets_per_batch"] == 2

@@ -1,0 +1,84 @@
+"""evaluate mode (b) from a checkpoint, score-map round trip through mode (a), and localize."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmcam_fast.cli import run_main
+from mmcam_fast.evaluate import main as evaluate_main
+from mmcam_fast.localize import main as localize_main
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_checkpoint_mode_matches_training_validation_and_exports(finished_run, tmp_path, capsys):
+    best = finished_run / "checkpoints" / "best.pt"
+    evaluate_main(["--checkpoint", str(best), "--split", "val", "--export-scoremaps", str(tmp_path / "maps"),
+                   "--overlays", "2", "--overlay-dir", str(tmp_path / "overlays")])
+    result = _last_json(capsys)
+    val_rows = [json.loads(line) for line in (finished_run / "val_metrics.jsonl").read_text().splitlines()]
+    best_val = max(val_rows, key=lambda r: r["maxboxacc_v2"])
+    for key in ("maxboxacc", "maxboxacc_v2", "gt_known_loc", "top1_loc", "top5_loc", "top1_cls"):
+        assert result[key] == pytest.approx(best_val[key], abs=1e-9), key
+    assert result["overlays"] == 2 and len(list((tmp_path / "overlays").rglob("*.png"))) == 2
+    maps = sorted((tmp_path / "maps").rglob("*.npy"))
+    assert len(maps) == result["images"]
+
+    # The exported maps through mode (a) give the same box metrics.
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    data_root = Path(config["data_root"])
+    meta_root = tmp_path / "meta"
+    (meta_root / "CUB").mkdir(parents=True)
+    (meta_root / "CUB" / "val").symlink_to(data_root / "metadata" / "val")
+    evaluate_main(["--scoremap-root", str(tmp_path / "maps"), "--metadata-root", str(meta_root),
+                   "--dataset", "cub", "--split", "val"])
+    from_files = _last_json(capsys)
+    for key in ("maxboxacc", "maxboxacc_v2", "per_iou", "best_threshold"):
+        assert from_files[key] == result[key], key
+
+
+def test_checkpoint_mode_errors(finished_run, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--checkpoint .*not found"):
+        evaluate_main(["--checkpoint", str(tmp_path / "none.pt")])
+    with pytest.raises(SystemExit, match="two modes"):
+        evaluate_main(["--checkpoint", str(finished_run / "checkpoints" / "last.pt"),
+                       "--scoremap-root", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--scoremap-root, --metadata-root"):
+        evaluate_main(["--dataset", "CUB"])
+
+
+def test_localize_own_images(finished_run, tmp_path, capsys):
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    images = sorted((Path(config["data_root"]) / "images" / "test").rglob("*.jpg"))[:2]
+    png = tmp_path / "as_png.png"
+    from PIL import Image
+
+    Image.open(images[0]).convert("L").save(png)  # a grayscale PNG goes through too
+    localize_main(["--checkpoint", str(finished_run / "checkpoints" / "best.pt"), str(images[1]), str(png),
+                   "--out", str(tmp_path / "loc"), "--topk", "3"])
+    results = _last_json(capsys)
+    assert [r["image"] for r in results] == [str(images[1]), str(png)]
+    for entry in results:
+        assert len(entry["predictions"]) == 3
+        scores = [p["score"] for p in entry["predictions"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-6
+        for x0, y0, x1, y1 in entry["boxes"]:
+            assert 0 <= x0 <= x1 < entry["width"] and 0 <= y0 <= y1 < entry["height"]
+        assert Path(entry["overlay"]).is_file()
+    assert json.loads((tmp_path / "loc" / "localization.json").read_text()) == results
+
+
+def test_localize_bad_inputs(finished_run, tmp_path, capsys):
+    bad = tmp_path / "empty.jpg"
+    bad.write_bytes(b"")
+    ckpt = str(finished_run / "checkpoints" / "best.pt")
+    assert run_main(localize_main, ["--checkpoint", ckpt, str(bad)]) == 2
+    assert "empty.jpg: cannot read the image" in capsys.readouterr().err
+    assert run_main(localize_main, ["--checkpoint", ckpt, str(tmp_path / "missing.jpg")]) == 2
+    assert "not found" in capsys.readouterr().err
