@@ -43,6 +43,7 @@ class TrainConfig:
     lr_gamma: float = 0.1
     seed: int = 0
     workers: int = 2
+    loader: str = "auto"  # auto (DALI when installed and the data are files), dali, torch
     device: str = "cpu"
     impl: str = "fast"  # or "reference": the plain-PyTorch step every fast path is tested against
     amp: str = "auto"  # fast engine: auto (bf16 where supported), bf16, fp16 (with GradScaler), off

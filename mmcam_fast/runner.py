@@ -64,7 +64,7 @@ def train(config: TrainConfig) -> RunResult:
     sampler = set_batch_sampler(data.train, sets_per_batch=config.sets_per_batch, set_size=config.set_size,
                                 seed=config.seed, replacement=config.sample_with_replacement)
     loader, steps_per_epoch = build_loader(data.train, batch_sampler=sampler, workers=config.workers,
-                                           seed=config.seed)
+                                           seed=config.seed, backend=config.loader)
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 

@@ -40,6 +40,7 @@ _HELP = {
     "channels_last": "fast engine: channels-last memory format",
     "cuda_graphs": "fast engine on CUDA: replay Stage II from CUDA graphs (compile mode reduce-overhead)",
     "bad_images": "unreadable image: error (stop, naming the file) or skip (substitute, counted)",
+    "loader": "data loading backend: auto (DALI when installed), dali, torch",
     "log_every": "steps between metric flushes to metrics.jsonl",
     "eval_every": "epochs between validations (0: only the final test)",
     "max_steps_per_epoch": "cut every epoch to this many steps (smoke runs)",
