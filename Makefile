@@ -14,6 +14,7 @@ demo: setup
 	$(PY) -m mmcam_fast.train --data synthetic --backbone resnet18 --out runs/demo
 
 test: setup
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev,dali]'
 	$(PY) -m ruff check mmcam_fast kernels tests benchmarks
 	$(PY) -m pytest -q
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/interpret
