@@ -1,0 +1,101 @@
+"""Training-step benchmark: the reference step against the fast engine, in one run.
+
+    pytest benchmarks/test_bench_step.py --benchmark-only          # pytest-benchmark table
+    python benchmarks/test_bench_step.py                            # ratios, FLOP/s, matmul peak
+
+Cases: resnet50_cam at 224 (N=2, S=5) and resnet18_cam at 64 (N=4, S=5), each with ids
+``reference`` and ``fast`` (``fast-eager``: the fast engine without torch.compile). The same run
+measures this machine's matmul throughput (bf16 and fp32) so that the step's achieved FLOP/s can be
+given as a fraction of it; the step's FLOPs are counted with ``torch.utils.flop_counter``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmcam_fast.config import TrainConfig
+from mmcam_fast.engine import Trainer
+from mmcam_fast.models import create_model
+
+CASES = {"resnet50_224": ("resnet50", 224, 2), "resnet18_64": ("resnet18", 64, 4)}
+IMPLS = {"reference": {"impl": "reference"}, "fast-eager": {"impl": "fast", "compile": False},
+         "fast": {"impl": "fast", "compile": True}}
+SET_SIZE = 5
+
+
+def make_step(case: str, impl: str):
+    """A trainer on random data of the case's shape, warmed up (compiled) before timing."""
+    backbone, size, num_sets = CASES[case]
+    torch.manual_seed(0)
+    model = create_model(backbone, 10)
+    trainer = Trainer(model, TrainConfig(set_size=SET_SIZE, sets_per_batch=num_sets, lr=1e-3, **IMPLS[impl]))
+    images = torch.randn(num_sets * SET_SIZE, 3, size, size)
+    labels = torch.arange(num_sets).repeat_interleave(SET_SIZE)
+    for _ in range(2):  # compile + first-call allocations
+        trainer.train_step(images, labels)
+    return lambda: trainer.train_step(images, labels), images.shape[0]
+
+
+def step_flops(case: str) -> int:
+    step, _ = make_step(case, "reference")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_step(benchmark, case, impl):
+    step, batch = make_step(case, impl)
+    benchmark.extra_info["images_per_step"] = batch
+    benchmark.pedantic(step, rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_matmul_peak(benchmark, dtype):
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a, b = torch.randn(2048, 2048, dtype=torch_dtype), torch.randn(2048, 2048, dtype=torch_dtype)
+    benchmark.extra_info["flops"] = 2 * 2048**3
+    benchmark.pedantic(lambda: a @ b, rounds=5, iterations=1, warmup_rounds=1)
+
+
+def main() -> None:
+    peaks = {name: matmul_flops_per_s(dtype) for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    rows = []
+    for case in CASES:
+        flops = step_flops(case)
+        times = {}
+        for impl in IMPLS:
+            step, batch = make_step(case, impl)
+            start = time.perf_counter()
+            for _ in range(3):
+                step()
+            times[impl] = (time.perf_counter() - start) / 3
+        for impl, seconds in times.items():
+            rows.append({"case": case, "impl": impl, "step_s": round(seconds, 3),
+                         "images_per_s": round(batch / seconds, 2),
+                         "speedup": round(times["reference"] / seconds, 2),
+                         "gflop_per_s": round(flops / seconds / 1e9, 1),
+                         "of_bf16_peak": round(flops / seconds / peaks["bf16"], 3),
+                         "of_fp32_peak": round(flops / seconds / peaks["fp32"], 3)})
+    print(json.dumps({"matmul_gflop_per_s": {k: round(v / 1e9, 1) for k, v in peaks.items()}}))
+    for row in rows:
+        print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
