@@ -11,15 +11,15 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from mmcam_kernels import CAM_EPS
 from torch import nn
 
 from mmcam_fast import ops
 
-# eps of the CAM min-max normalisation: H = (H_raw - min) / (max - min + CAM_EPS). A constant map
-# (max == min) gives H = 0, hence an all-zero masked image, instead of NaN. 1e-6 is far below the
-# spread of any non-degenerate CAM (fc.weight rows times ReLU / BN features), so it does not move
-# the normalisation measurably, and it is representable in fp16/bf16 accumulations done in fp32.
-CAM_EPS = 1e-6
+# eps of the CAM min-max normalisation: H = (H_raw - min) / (max - min + CAM_EPS), CAM_EPS = 1e-6,
+# one constant shared with the kernels. A constant map (max == min) gives H = 0, hence an all-zero
+# masked image, instead of NaN; 1e-6 is far below the spread of any non-degenerate CAM, so it does not
+# move the normalisation measurably, and it is representable in the fp32 accumulations of half inputs.
 
 STAGE2_IMPLS = ("reference", "auto", "triton")
 
