@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import types
 import typing
@@ -53,8 +52,3 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def torchrun_world_size() -> int:
-    """The WORLD_SIZE torchrun set (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))

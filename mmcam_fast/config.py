@@ -57,6 +57,11 @@ class TrainConfig:
     eval_every: int = 1  # epochs; 0 disables per-epoch validation
     cam_curve_interval: float = 0.01
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke runs, CI)
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of epochs only)
+    resume: str | None = None  # "auto" (the newest complete checkpoint of --out, if any) or a file
+    max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses (0: never)
+    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm (Stage I batch statistics over all ranks)
+    dist_timeout_min: float = 60.0  # torchrun: collective timeout (rank 0 validates while others wait)
     out: str = "runs/train"
 
     def to_dict(self) -> dict[str, Any]:
@@ -85,6 +90,10 @@ class TrainConfig:
             (self.impl in ("fast", "reference"), "--impl must be 'fast' or 'reference'"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of auto, bf16, fp16, off"),
             (0 < self.cam_curve_interval < 1, "--cam-curve-interval must be in (0, 1)"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: at the end of epochs only)"),
+            (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0 (0: never stop)"),
+            (self.dist_timeout_min > 0, "--dist-timeout-min must be positive"),
+            (self.resume is None or self.resume != "", "--resume takes 'auto' or a checkpoint file"),
         ]
         for ok, message in checks:
             if not ok:

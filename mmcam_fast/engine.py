@@ -3,26 +3,37 @@
 The trainer owns the optimizer and the schedule; the method's losses come from
 :mod:`mmcam_fast.minmaxcam`. Per-step metrics stay on the device and are read by :class:`MetricLog`
 at the log interval only, so a step has no host synchronisation.
+
+Under torchrun the model is wrapped in DistributedDataParallel, which averages Stage I's gradients.
+Stage II calls the unwrapped backbone with detached parameters (``torch.func.functional_call``), so
+DDP never sees its backward: its one gradient, fc.weight's, is averaged over the ranks explicitly,
+the same way DDP averages its buckets. A step whose loss is not finite on some rank is skipped on
+every rank and counted (:mod:`mmcam_fast.guards`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mmcam_fast import ops
+from mmcam_fast import distributed, ops
 from mmcam_fast.checkpoint import unwrap
 from mmcam_fast.config import TrainConfig
+from mmcam_fast.guards import BufferSnapshot, NonFiniteGuard
 from mmcam_fast.minmaxcam import eval_mode, stage1_loss, stage2_core, stage2_losses
 from mmcam_fast.models.backbones import NEW_LAYERS
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
-    """SGD (Nesterov momentum, weight decay) with the new layers (fc, conv6) at lr x classifier_lr_mult."""
+def build_optimizer(model: nn.Module, config: TrainConfig, *, fused: bool | None = None) -> torch.optim.SGD:
+    """SGD (Nesterov momentum, weight decay) with the new layers (fc, conv6) at lr x classifier_lr_mult.
+
+    ``fused`` None: the fused kernel for the fast engine on CUDA, foreach elsewhere.
+    """
     model = unwrap(model)
     new, pretrained = [], []
     for name, param in model.named_parameters():
@@ -32,7 +43,8 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.SGD:
               {"params": new, "lr": config.lr * config.classifier_lr_mult, "name": "classifier"}]
     # fused SGD on CUDA (one kernel for all parameters), foreach elsewhere; both skip parameters
     # whose gradient is None, which is what keeps Stage II away from everything but fc.weight.
-    fused = config.impl == "fast" and next(model.parameters()).device.type == "cuda"
+    if fused is None:
+        fused = config.impl == "fast" and next(model.parameters()).device.type == "cuda"
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
                            weight_decay=config.weight_decay, foreach=None if fused else True,
                            fused=True if fused else None)
@@ -74,28 +86,48 @@ class Trainer:
       replayed), Stage II's CAM/mask and set distances through :mod:`mmcam_fast.ops` (fused Triton
       kernels on CUDA), fused SGD on CUDA.
 
+    Under torchrun (a process group of several ranks) the model is wrapped here, after the
+    fast engine's memory-format change and before compilation: ``trainer.model`` is then the
+    DistributedDataParallel wrapper (``unwrap(trainer.model)`` is the model passed in).
+
+    A step whose loss is NaN or infinite on any rank is skipped on every rank (no parameter,
+    momentum or BatchNorm statistic changes) and counted by ``trainer.guard``.
+
     Args:
         model: a :class:`~mmcam_fast.models.CAMModel` (or a DDP wrapper of one), on its device.
         config: the run's configuration (lambdas, set size, optimizer settings, impl).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig):
-        self.model = model
         self.config = config
         self.device = next(model.parameters()).device
         self.fast = config.impl == "fast"
+        self.memory_format = (torch.channels_last if self.fast and config.channels_last
+                              else torch.contiguous_format)
+        if self.fast:  # before DDP: its gradient buckets take the parameters' layout at wrapping
+            unwrap(model).to(memory_format=self.memory_format)
+        if not isinstance(model, nn.parallel.DistributedDataParallel):
+            model = distributed.wrap(model, self.device, sync_bn=config.sync_bn)
+        self.model = model
         self.optimizer = build_optimizer(model, config)
+        self._fused = bool(self.optimizer.defaults.get("fused"))
+        if self._fused:
+            # The fused kernel skips a step on the device when found_inf is set, but on the very
+            # first step it would leave uninitialised momentum buffers behind; zero buffers give the
+            # same first update (buf = 0.9 * 0 + g = g, dampening 0) and make every step a later one.
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    self.optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps, self.device)
+        self._buffers = BufferSnapshot(unwrap(model))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
             self.optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma)
         self.stage2_enabled = config.lambda_crr > 0 or config.lambda_frr > 0
         self.amp_dtype = resolve_amp(config.amp, self.device.type) if self.fast else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.memory_format = (torch.channels_last if self.fast and config.channels_last
-                              else torch.contiguous_format)
         self._stage1 = self._stage1_forward
         self._stage2 = self._stage2_forward
         if self.fast:
-            unwrap(model).to(memory_format=self.memory_format)
             self.kernels = ops.resolve_impl(None, self.device)
             if config.compile or (config.compile is None and self.device.type == "cuda"):
                 self._stage1 = torch.compile(self._stage1_forward)
@@ -122,41 +154,83 @@ class Trainer:
             return stage2_core(plain.backbone, plain.fc.weight, images, labels, self.config.set_size,
                                kernels=self.kernels)
 
-    def _step(self, loss: torch.Tensor) -> None:
+    def _step(self, loss: torch.Tensor, average: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """Backward and optimizer step, skipped on every rank if the loss is not finite on one.
+
+        Args:
+            loss: the scalar loss.
+            average: parameters whose gradients DDP does not reduce (Stage II's fc.weight); their
+                gradients are averaged over the ranks before the step.
+
+        Returns:
+            A bool scalar on the device: True when the step was taken.
+        """
+        finite = distributed.all_true(torch.isfinite(loss.detach()))
+        if self.scaler.is_enabled():
+            # NaN gradients on every rank when some rank's loss is not finite: the scaler then skips
+            # the step everywhere (and lowers its scale), as for an overflow.
+            loss = loss * torch.where(finite, 1.0, float("nan"))
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        distributed.average_gradients(list(average))
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif self._fused:  # the fused kernel reads the flag on the device: no host synchronisation
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        elif finite:  # one host read: free on CPU, the reference step's simplicity elsewhere
+            self.optimizer.step()
+        return finite
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """One mini-batch: Stage I step over all parameters, then Stage II step over fc.weight.
 
         Returns detached device tensors (ce, acc, crr, frr, loss2); nothing is read back to the host.
+        A stage whose loss is not finite skips its update; the step is then counted in
+        ``self.guard`` (``self.guard.last`` is 1.0 for a skipped step).
         """
         images = images.contiguous(memory_format=self.memory_format)
-        metrics = self.stage1_step(images, labels)
+        metrics, finite = self._stage1_update(images, labels)
         if self.stage2_enabled:  # lambda_crr = lambda_frr = 0 is plain CAM
-            metrics.update(self.stage2_step(images, labels))
+            metrics2, finite2 = self._stage2_update(images, labels)
+            metrics.update(metrics2)
+            finite = finite & finite2
+        self.guard.record(finite)
         return metrics
 
     def stage1_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stage I: classification loss, backward, step over every parameter (train mode)."""
+        return self._stage1_update(images, labels)[0]
+
+    def _stage1_update(self, images: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self._buffers.save()  # the forward pass moves BatchNorm statistics; a skipped step undoes it
         if self.fast:
             ce, logits = self._stage1(images, labels)
         else:
             logits, _ = self.model(images)
             ce = stage1_loss(logits, labels)
-        self._step(ce)
-        return {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean()}
+        finite = self._step(ce)
+        self._buffers.restore_unless(finite)
+        return {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean()}, finite
 
     def stage2_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stage II: CRR/FRR through the frozen backbone, backward into fc.weight only, step.
 
         Every gradient is None after zero_grad; the Stage II losses give fc.weight the only one, and
         SGD skips parameters without a gradient, so their values and momentum buffers stay
-        bit-identical. BatchNorm buffers are untouched: the backbone runs in eval mode.
+        bit-identical. BatchNorm buffers are untouched: the backbone runs in eval mode. Under DDP the
+        fc.weight gradient is averaged over the ranks here (DDP's reducer does not see this backward).
         """
+        return self._stage2_update(images, labels)[0]
+
+    def _stage2_update(self, images: torch.Tensor, labels: torch.Tensor
+                       ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         config = self.config
         self.optimizer.zero_grad(set_to_none=True)
         plain = unwrap(self.model)
@@ -166,12 +240,13 @@ class Trainer:
         else:
             crr, frr = stage2_losses(plain.backbone, plain.fc, images, labels, config.set_size)
         loss2 = config.lambda_crr * crr + config.lambda_frr * frr
-        self._step(loss2)
-        return {"crr": crr.detach(), "frr": frr.detach(), "loss2": loss2.detach()}
+        finite = self._step(loss2, average=(plain.fc.weight,))
+        return {"crr": crr.detach(), "frr": frr.detach(), "loss2": loss2.detach()}, finite
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "nonfinite": self.guard.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(state["model"])
@@ -179,19 +254,25 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+        if "nonfinite" in state:
+            self.guard.load_state_dict(state["nonfinite"])
 
 
 class MetricLog:
     """Per-step metrics kept on the device, written as JSON lines at the log interval.
 
     Args:
-        path: the JSONL file (appended to).
+        path: the JSONL file (appended to); None keeps ``last`` only (ranks other than 0).
         every: flush interval in steps; each flush reads the buffered steps back in one transfer.
+        reduce: applied to the ``[steps, metrics]`` table before it is read back, e.g. the mean over
+            the ranks (every rank must then flush at the same steps).
     """
 
-    def __init__(self, path: str | Path, every: int):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None, every: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.path = Path(path) if path is not None else None
         self.every = max(1, every)
+        self.reduce = reduce
         self._pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         self.last: dict[str, float] = {}
 
@@ -210,10 +291,13 @@ class MetricLog:
         device = next(iter(self._pending[0][1].values())).device
         nan = torch.tensor(float("nan"), device=device)
         table = torch.stack([torch.stack([m.get(k, nan).float() for k in keys])
-                             for _, m in self._pending]).cpu().tolist()
-        with self.path.open("a") as handle:
-            for (info, _), row in zip(self._pending, table, strict=True):
-                record = {**info, **{k: v for k, v in zip(keys, row, strict=True) if v == v}}
-                handle.write(json.dumps(record) + "\n")
-                self.last = record
+                             for _, m in self._pending])
+        if self.reduce is not None:
+            table = self.reduce(table)
+        records = [{**info, **{k: v for k, v in zip(keys, row, strict=True) if v == v}}
+                   for (info, _), row in zip(self._pending, table.cpu().tolist(), strict=True)]
+        if self.path is not None:
+            with self.path.open("a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in records)
+        self.last = records[-1]
         self._pending.clear()

@@ -1,11 +1,26 @@
-"""A training run end to end: data, model, trainer, per-epoch validation, checkpoints, final test."""
+"""A training run end to end: data, model, trainer, per-epoch validation, checkpoints, final test.
+
+One process, or one per GPU under ``torchrun`` (:mod:`mmcam_fast.distributed`): every rank draws its
+own N sets of S images per step from the shared set sampler, so a set never spans ranks and the
+global batch is G x N x S. Rank 0 alone writes files: the config, the metrics (averaged over the
+ranks), the validation results and the checkpoints.
+
+Checkpoints (``<out>/checkpoints``): ``last.pt`` at the end of every epoch and every
+``--checkpoint-every`` steps, ``best.pt`` when the validation score improves. Each holds the
+unwrapped model, optimizer, scheduler, scaler, the non-finite counters, the data loader's position,
+epoch and step, the config, the validation history and every rank's RNG states, so that a resumed
+run (``--resume``) continues with the very batches, augmentations and weights the uninterrupted run
+would have had (bit for bit on CPU with ``--workers 0`` or the DALI loader).
+"""
 
 from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +28,25 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmcam_fast.checkpoint import atomic_save
-from mmcam_fast.cli import torchrun_world_size
+from mmcam_fast import distributed
+from mmcam_fast.checkpoint import (
+    atomic_save,
+    check_finite,
+    load_checkpoint,
+    remove_partial,
+    resolve_resume,
+    restore_rng,
+    rng_state,
+    unwrap,
+)
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.engine import MetricLog, Trainer
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.models import create_model
+
+# Settings a run cannot change when it resumes: they define the model or the batch sequence.
+_FIXED_ON_RESUME = ("data", "backbone", "large_feature_map", "image_size", "vertical_flip", "set_size",
+                    "sets_per_batch", "sample_with_replacement", "seed")
 
 
 @dataclass
@@ -31,10 +59,14 @@ class RunResult:
     last_train: dict[str, float]
     val_history: list[dict[str, Any]] = field(default_factory=list)
     test_metrics: dict[str, Any] = field(default_factory=dict)
+    skipped_steps: int = 0  # steps skipped for a non-finite loss
+    resumed_at: list[int] = field(default_factory=list)  # steps this run was resumed from
 
     def summary_line(self) -> str:
         return json.dumps({"run_dir": str(self.run_dir), "wall_time_s": round(self.wall_time_s, 1),
-                           "steps": self.steps, "train": self.last_train, "test": self.test_metrics})
+                           "steps": self.steps, "skipped_steps": self.skipped_steps,
+                           "resumed_at": self.resumed_at, "train": self.last_train,
+                           "test": self.test_metrics})
 
 
 def seed_everything(seed: int) -> None:
@@ -43,81 +75,234 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class _Progress:
+    """Where the run stands; saved in every checkpoint."""
+
+    epoch: int = 0  # completed epochs
+    epoch_step: int = 0  # steps done in the current epoch (0 at an epoch boundary)
+    step: int = 0  # steps done in all
+    best_score: float = -1.0
+    val_history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_at: list[int] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step,
+                "best_score": self.best_score, "val_history": self.val_history, "resumed_at": self.resumed_at}
+
+
 def train(config: TrainConfig) -> RunResult:
-    """Train as ``config`` says; write config, metrics, checkpoints and final metrics to ``config.out``."""
-    if torchrun_world_size() > 1:
-        raise ConfigError("torchrun with more than one process is not supported yet: use "
-                          "--nproc_per_node 1 (multi-process training is tracked as its own work item)")
-    from mmcam_fast.data.loaders import build_datasets, build_loader, set_batch_sampler
-    from mmcam_fast.localization import evaluate_localization
+    """Train as ``config`` says; write config, metrics, checkpoints and final metrics to ``config.out``.
 
-    start = time.perf_counter()
-    seed_everything(config.seed)
-    device = torch.device(config.device)
-    run_dir = Path(config.out)
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    config.save(run_dir / "config.yaml")
+    Under torchrun with several processes, joins the process group (NCCL on GPUs, gloo on CPU) and
+    leaves it at the end; every rank returns, rank 0's result carries the test metrics.
+    """
+    world, device = distributed.init(config.device, timeout_min=config.dist_timeout_min)
+    try:
+        return _Run(config, world, device).run()
+    finally:
+        distributed.shutdown()
 
-    data = build_datasets(config.data, config.data_root, metadata_root=config.metadata_root,
-                          image_size=config.image_size, vertical_flip=config.vertical_flip,
-                          bad_image_policy=config.bad_images)
-    sampler = set_batch_sampler(data.train, sets_per_batch=config.sets_per_batch, set_size=config.set_size,
-                                seed=config.seed, replacement=config.sample_with_replacement)
-    loader, steps_per_epoch = build_loader(data.train, batch_sampler=sampler, workers=config.workers,
-                                           seed=config.seed, backend=config.loader)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
-    model = create_model(config.backbone, data.num_classes, large_feature_map=config.large_feature_map,
-                         pretrained=config.pretrained).to(device)
-    trainer = Trainer(model, config)
-    log = MetricLog(run_dir / "metrics.jsonl", config.log_every)
-    val_history: list[dict[str, Any]] = []
-    best_score = -1.0
-    step = 0
-    for epoch in range(config.epochs):
-        loader.set_epoch(epoch)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   dynamic_ncols=True)
-        for i, (images, labels, _) in enumerate(loader):
-            if i >= steps_per_epoch:
-                break
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            metrics = trainer.train_step(images, labels)
-            step += 1
-            lr = trainer.optimizer.param_groups[0]["lr"]
-            if log.add({"step": step, "epoch": epoch + 1, "lr": lr}, metrics):
-                bar.set_postfix({k: f"{v:.4g}" for k, v in log.last.items()
-                                 if k in ("ce", "acc", "crr", "frr")})
-            bar.update(1)
-        bar.close()
-        log.flush()
-        trainer.scheduler.step()
+def _note(message: str) -> None:
+    print(f"mmcam_fast.train: {message}", file=sys.stderr, flush=True)
 
-        state = {**trainer.state_dict(), "epoch": epoch + 1, "step": step, "config": config.to_dict(),
-                 "classes": data.class_names, "loader": loader.state_dict()}
-        is_last = epoch + 1 == config.epochs
-        if data.val is not None and config.eval_every and ((epoch + 1) % config.eval_every == 0 or is_last):
-            val = evaluate_localization(model, data.val, device=device,
-                                        cam_curve_interval=config.cam_curve_interval)
-            val = {"epoch": epoch + 1, **val}
-            val_history.append(val)
-            with (run_dir / "val_metrics.jsonl").open("a") as handle:
-                handle.write(json.dumps(val) + "\n")
-            score = val.get("maxboxacc_v2", val.get("pxap", 0.0))
-            if score > best_score:
-                best_score = score
-                atomic_save({**state, "val": val}, run_dir / "checkpoints" / "best.pt")
-        atomic_save(state, run_dir / "checkpoints" / "last.pt")
 
-    test_metrics: dict[str, Any] = {}
-    best = run_dir / "checkpoints" / "best.pt"
-    if best.exists():  # the protocol selects the model on val and reports it on test
-        model.load_state_dict(torch.load(best, map_location=device, weights_only=False)["model"])
-    if data.test is not None:
-        test_metrics = evaluate_localization(model, data.test, device=device,
-                                             cam_curve_interval=config.cam_curve_interval)
-        (run_dir / "final_metrics.json").write_text(json.dumps(
-            {"test": test_metrics, "last_train": log.last, "val_history": val_history}, indent=2))
-    return RunResult(run_dir, time.perf_counter() - start, step, log.last, val_history, test_metrics)
+def _load_resume(resume: str | None, folder: Path) -> tuple[str, dict[str, Any]] | None:
+    path = resolve_resume(resume, folder)
+    if path is None:
+        if resume == "auto":
+            _note(f"--resume auto: no checkpoint in {folder}, starting from the beginning")
+        return None
+    return str(path), load_checkpoint(path, flag="--resume")
+
+
+def _keep_lines(path: Path, keep: Any) -> None:
+    """Drop the JSON lines a resumed run will write again (those past the checkpoint)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, world: distributed.World, device: torch.device):
+        self.config = config
+        self.world = world
+        self.device = device
+        self.run_dir = Path(config.out)
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.progress = _Progress()
+
+    def run(self) -> RunResult:
+        from mmcam_fast.data.loaders import build_datasets, build_loader, set_batch_sampler
+
+        config, world, device = self.config, self.world, self.device
+        start = time.perf_counter()
+        seed_everything(config.seed)
+        resume = config.resume
+        if resume is None and distributed.restart_count() > 0:
+            resume = "auto"  # a worker group restarted by torchrun continues, never starts over
+        if world.is_main:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            remove_partial(self.checkpoints)
+            config.save(self.run_dir / "config.yaml")
+        loaded = distributed.on_main(_load_resume, resume, self.checkpoints)
+
+        data = build_datasets(config.data, config.data_root, metadata_root=config.metadata_root,
+                              image_size=config.image_size, vertical_flip=config.vertical_flip,
+                              bad_image_policy=config.bad_images)
+        self.classes = data.class_names
+        sampler = set_batch_sampler(data.train, sets_per_batch=config.sets_per_batch,
+                                    set_size=config.set_size, seed=config.seed,
+                                    replacement=config.sample_with_replacement, rank=world.rank,
+                                    world_size=world.world_size)
+        self.loader, steps_per_epoch = build_loader(
+            data.train, batch_sampler=sampler, workers=config.workers, backend=config.loader,
+            seed=distributed.rank_seed(config.seed, world.rank), rank=world.rank, world_size=world.world_size)
+        if config.max_steps_per_epoch:
+            steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+
+        model = create_model(config.backbone, data.num_classes, large_feature_map=config.large_feature_map,
+                             pretrained=config.pretrained).to(device)
+        # The weights above are the same on every rank; from here each rank has its own random streams.
+        seed_everything(distributed.rank_seed(config.seed, world.rank))
+        self.trainer = trainer = Trainer(model, config)
+        model = unwrap(trainer.model)
+        self.log = MetricLog(self.run_dir / "metrics.jsonl" if world.is_main else None, config.log_every,
+                             reduce=distributed.mean_over_ranks)
+        loader_state = self._restore(*loaded) if loaded is not None else None
+
+        progress = self.progress
+        for epoch in range(progress.epoch, config.epochs):
+            first = progress.epoch_step if loader_state is not None else 0
+            if first:
+                self.loader.load_state_dict(loader_state)  # the rest of the interrupted epoch
+            else:
+                self.loader.set_epoch(epoch)
+            loader_state = None
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       leave=False, dynamic_ncols=True, disable=not world.is_main)
+            for images, labels, _ in islice(self.loader, max(0, steps_per_epoch - first)):
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                metrics = trainer.train_step(images, labels)
+                progress.step += 1
+                progress.epoch_step += 1
+                lr = trainer.optimizer.param_groups[0]["lr"]
+                if self.log.add({"step": progress.step, "epoch": epoch + 1, "lr": lr},
+                                {**metrics, "skipped": trainer.guard.last}):
+                    trainer.guard.check(progress.step)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in self.log.last.items()
+                                     if k in ("ce", "acc", "crr", "frr")})
+                bar.update(1)
+                if (config.checkpoint_every and progress.step % config.checkpoint_every == 0
+                        and progress.epoch_step < steps_per_epoch):
+                    self._save({"last.pt": {}})
+            bar.close()
+            trainer.scheduler.step()
+            progress.epoch, progress.epoch_step = epoch + 1, 0
+            self._end_of_epoch(data, model)
+
+        self.log.flush()
+        skipped = trainer.guard.check(progress.step)
+        distributed.check_replicas_equal(model)
+        distributed.broadcast_buffers(model)  # rank 0's statistics, the ones its checkpoints hold
+        test_metrics: dict[str, Any] = {}
+        if world.is_main:
+            test_metrics = self._final_test(data, model)
+        return RunResult(self.run_dir, time.perf_counter() - start, progress.step, self.log.last,
+                         progress.val_history, test_metrics, skipped, progress.resumed_at)
+
+    def _restore(self, path: str, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Load a checkpoint into the trainer; returns the loader state when it was taken mid-epoch."""
+        saved = state["config"]
+        changed = [f"{k}: {saved.get(k)!r} in the checkpoint, {getattr(self.config, k)!r} now"
+                   for k in _FIXED_ON_RESUME if k in saved and saved[k] != getattr(self.config, k)]
+        if changed:
+            raise ConfigError(f"--resume {path}: the run cannot continue with other settings ("
+                              + "; ".join(changed) + ")")
+        try:
+            self.trainer.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"--resume {path}: does not fit this model and optimizer ({exc})") from None
+        p = self.progress
+        p.epoch, p.step = int(state["epoch"]), int(state["step"])
+        p.epoch_step = int(state.get("epoch_step", 0))
+        p.best_score = float(state.get("best_score", -1.0))
+        p.val_history = list(state.get("val_history", []))
+        p.resumed_at = [*state.get("resumed_at", []), p.step]
+        rng = state.get("rng")
+        if rng is not None and len(rng) == self.world.world_size:
+            restore_rng(rng[self.world.rank], self.device)
+        elif self.world.is_main:
+            _note(f"{path} was written by {len(rng or [])} process(es), this run has "
+                  f"{self.world.world_size}: random streams start afresh")
+        if self.world.is_main:
+            _note(f"resuming from {path}: epoch {p.epoch + 1}, step {p.step}"
+                  + (f" ({p.epoch_step} steps into the epoch)" if p.epoch_step else ""))
+            _keep_lines(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= p.step)
+            _keep_lines(self.run_dir / "val_metrics.jsonl", lambda row: row.get("epoch", 0) <= p.epoch)
+        if p.epoch_step:
+            loader_state = state.get("loader")
+            if loader_state is None or int(loader_state.get("epoch", -1)) != p.epoch:
+                raise ConfigError(f"--resume {path}: a mid-epoch checkpoint without the loader position "
+                                  "of its epoch")
+            return loader_state
+        return None
+
+    def _save(self, files: dict[str, dict[str, Any]]) -> None:
+        """Write checkpoints (rank 0) once every rank reached this point; all ranks call it.
+
+        Args:
+            files: file name -> entries added to the common state (``best.pt`` gets ``val``).
+        """
+        self.log.flush()
+        self.trainer.guard.check(self.progress.step)  # a run past the limit stops before writing
+        rng = distributed.gather_objects(rng_state(self.device))
+        if self.world.is_main:
+            state = {**self.trainer.state_dict(), **self.progress.state(), "config": self.config.to_dict(),
+                     "classes": self.classes, "loader": self.loader.state_dict(), "rng": rng,
+                     "world_size": self.world.world_size}
+            check_finite(state["model"], self.checkpoints)
+            for name, extra in files.items():
+                atomic_save({**state, **extra}, self.checkpoints / name)
+        # Nobody runs ahead of a checkpoint being written: after a failure, it is complete.
+        distributed.barrier()
+
+    def _end_of_epoch(self, data: Any, model: torch.nn.Module) -> None:
+        from mmcam_fast.localization import evaluate_localization
+
+        config, progress = self.config, self.progress
+        epoch = progress.epoch
+        files: dict[str, dict[str, Any]] = {}
+        is_last = epoch == config.epochs
+        if data.val is not None and config.eval_every and (epoch % config.eval_every == 0 or is_last):
+            if self.world.is_main:  # the others wait in the checkpoint's barrier
+                val = evaluate_localization(model, data.val, device=self.device,
+                                            cam_curve_interval=config.cam_curve_interval)
+                val = {"epoch": epoch, **val}
+                progress.val_history.append(val)
+                with (self.run_dir / "val_metrics.jsonl").open("a") as handle:
+                    handle.write(json.dumps(val) + "\n")
+                score = val.get("maxboxacc_v2", val.get("pxap", 0.0))
+                if score > progress.best_score:
+                    progress.best_score = score
+                    files["best.pt"] = {"val": val}
+        files["last.pt"] = {}  # after best.pt, so last.pt is the newer of the two
+        self._save(files)
+
+    def _final_test(self, data: Any, model: torch.nn.Module) -> dict[str, Any]:
+        from mmcam_fast.localization import evaluate_localization
+
+        best = self.checkpoints / "best.pt"
+        if best.exists():  # the protocol selects the model on val and reports it on test
+            model.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+        if data.test is None:
+            return {}
+        test_metrics = evaluate_localization(model, data.test, device=self.device,
+                                             cam_curve_interval=self.config.cam_curve_interval)
+        (self.run_dir / "final_metrics.json").write_text(json.dumps(
+            {"test": test_metrics, "last_train": self.log.last, "val_history": self.progress.val_history,
+             "skipped_steps": self.trainer.guard.state_dict()["skipped"]}, indent=2))
+        return test_metrics

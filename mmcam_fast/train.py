@@ -1,5 +1,9 @@
 """``python -m mmcam_fast.train`` / ``torchrun -m mmcam_fast.train``: train MinMaxCAM (or plain CAM).
 
+Under ``torchrun --nproc-per-node G`` each process trains on its own N sets of S images (a global
+batch of G x N x S), rank 0 logs, validates and writes checkpoints; ``--resume auto`` continues from
+the newest complete checkpoint (also after torchrun's ``--max-restarts``).
+
 Flags mirror :class:`mmcam_fast.config.TrainConfig`; values not given come from the preset of the
 (data set, backbone) pair, then from the defaults. ``--config FILE`` reads a YAML of the same keys
 (flags given on the command line win).
@@ -44,6 +48,13 @@ _HELP = {
     "log_every": "steps between metric flushes to metrics.jsonl",
     "eval_every": "epochs between validations (0: only the final test)",
     "max_steps_per_epoch": "cut every epoch to this many steps (smoke runs)",
+    "checkpoint_every": "also write checkpoints/last.pt every N steps within an epoch (0: epoch ends only)",
+    "resume": "continue a run: 'auto' (the newest complete checkpoint in --out, else start afresh) or a "
+              "checkpoint file",
+    "max_nonfinite_steps": "stop with an error after this many consecutive steps with a NaN/inf loss "
+                           "(each is skipped and counted; 0: never stop)",
+    "sync_bn": "torchrun on GPUs: SyncBatchNorm, Stage I batch statistics over all ranks",
+    "dist_timeout_min": "torchrun: collective timeout in minutes (rank 0 validates while the others wait)",
     "out": "run folder (config.yaml, metrics.jsonl, checkpoints/, final_metrics.json)",
 }
 
