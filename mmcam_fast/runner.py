@@ -146,7 +146,6 @@ class _Run:
         if world.is_main:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
             remove_partial(self.checkpoints)
-            config.save(self.run_dir / "config.yaml")
         loaded = distributed.on_main(_load_resume, resume, self.checkpoints)
 
         data = build_datasets(config.data, config.data_root, metadata_root=config.metadata_root,
@@ -172,6 +171,8 @@ class _Run:
         self.log = MetricLog(self.run_dir / "metrics.jsonl" if world.is_main else None, config.log_every,
                              reduce=distributed.mean_over_ranks)
         loader_state = self._restore(*loaded) if loaded is not None else None
+        if world.is_main:
+            config.save(self.run_dir / "config.yaml")
 
         progress = self.progress
         for epoch in range(progress.epoch, config.epochs):
