@@ -1,33 +1,25 @@
-"""The fast box localization: the reference's counts, with contour extraction only where needed.
+"""The fast box localization: the reference's counts without tracing contours per threshold.
 
 Contour extraction (``cv2.findContours``) is almost all of the reference's time. Per image this
-path computes the same per-threshold booleans as :func:`box_correct_reference` and extracts
-contours only for thresholds whose answer is not already known:
+path computes the same per-threshold booleans as :func:`box_correct_reference` from one
+union-find pass over the pixels that yields the contours' boxes at every threshold at once
+(:mod:`mmcam_fast.evaluation.level_tree`, which states the facts it relies on):
 
-1. Same binary image, same answer. ``uint8 map > t`` depends only on how many pixels are ``<= t``,
-   so thresholds with equal counts share one result (at interval 0.001 the 1000 thresholds give at
-   most 256 distinct images).
-2. Empty foreground: the protocol's box ``(0, 0, 0, 0)``.
-3. An upper bound that cannot reach the lowest IoU threshold. Every contour point is a foreground
-   pixel, so every estimated box lies inside ``F+``, the foreground's pixel bounding box with
-   ``x1, y1`` moved one past the last pixel and clipped, exactly as the protocol builds boxes. For
-   a box ``B`` inside ``F+``: ``IoU(B, G) = |B & G| / (|B| + |G| - |B & G|) <= |F+ & G| / |G|``.
-   When that bound, computed in the same float64 arithmetic, is below the smallest ``T / 100``,
-   the answer is False for every T without tracing (rounding is monotonic, so the computed IoU
-   cannot exceed the computed bound).
-4. Otherwise: ``cv2.findContours`` on the crop to the foreground's bounding box with ``offset``,
-   which returns the same contours, in the same order, as on the whole image (checked by the
-   tests). Boxes and areas of all traced contours are then computed at once with numpy: the box is
-   the points' min and max (``cv2.boundingRect``), the area ``|shoelace| / 2``, which is what
-   ``cv2.contourArea`` computes and is exact for integer points, and per level the first contour
-   of largest area is kept, as Python's ``max`` does in the reference.
-
-IoUs of all boxes are computed at once with the reference's integer arithmetic.
-
-What was measured and left out: stacking all thresholds' binary images into one image for a
-single ``findContours`` call (same pixels to scan, worse cache behaviour: slower), and certifying
-"one component, no hole" levels for all thresholds at once from Euler numbers (exact, but on
-realistic maps it cost as much as the tracing it saved).
+1. Each integer threshold ``t`` is decided once, however many CAM thresholds map to it; ``t`` at or
+   above the map's maximum is the protocol's empty box ``(0, 0, 0, 0)``.
+2. The outer contours' boxes are the 8-connected components' bounding boxes. With MaxBoxAccV2
+   (every contour's box) the best IoU is their maximum, plus the holes' boxes when a component has
+   holes (its Euler number says so) and a box inside it could still reach a higher IoU cut than
+   the outer boxes: then the holes of those thresholds are found by a second union-find pass (the
+   background's 4-connected components that do not reach the border).
+3. With MaxBoxAcc (the largest contour's box) one component is the answer. With several, the
+   areas decide: exact for components without holes, bounded otherwise; ties among equal exact
+   areas follow OpenCV's order (reverse raster order of the components' first pixels) when the
+   threshold has no hole. When the candidates for the largest contour all score in the same band
+   of IoU cuts, their order does not matter. Only a threshold left undecided is traced with
+   ``cv2.findContours`` on the crop to the foreground's bounding box (same contours, same order
+   as the whole image), its areas and boxes computed at once in numpy.
+4. IoUs use the reference's integer arithmetic and one float64 division.
 """
 
 from __future__ import annotations
@@ -38,7 +30,8 @@ import cv2
 import numpy as np
 
 from mmcam_fast.evaluation.boxes import iou_matrix
-from mmcam_fast.evaluation.level_sets import LEVELS, foreground_bbox
+from mmcam_fast.evaluation.level_sets import foreground_bbox
+from mmcam_fast.evaluation.level_tree import GROUPS4, GROUPS8, QUADS, box_levels
 
 
 def to_uint8(scoremap: np.ndarray) -> np.ndarray:
@@ -60,69 +53,50 @@ def box_correct_fast_u8(u: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_th
     """:func:`box_correct_fast` on an already quantized map ``u`` (uint8 ``[H, W]``).
 
     Args:
-        stats: when given, receives counts of how each distinct threshold was decided
-            (``distinct``, ``empty``, ``bounded``, ``traced``).
+        stats: when given, receives counts of how the distinct integer thresholds were decided:
+            ``distinct``, ``empty`` (no foreground), ``holes`` (the hole pass was needed) and
+            ``traced`` (``cv2.findContours`` was needed); the rest took the union-find alone.
 
     Returns:
         ``[len(iou_thresholds), len(cam_thresholds)]`` booleans.
     """
-    height, width = u.shape
+    u = np.ascontiguousarray(u, dtype=np.uint8)
     gt = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
-    cuts = [iou_threshold / 100 for iou_threshold in iou_thresholds]
-    umax = int(u.max())
-    levels = (np.asarray(cam_thresholds, dtype=np.float64) * float(umax)).astype(np.int64)  # int(tau * max)
+    cuts = np.array([iou_threshold / 100 for iou_threshold in iou_thresholds], dtype=np.float64)
+    taus = np.asarray(cam_thresholds, dtype=np.float64).reshape(-1)
+    correct, traced, counts = box_levels(u, taus, gt, cuts, bool(multi_contour), GROUPS8, GROUPS4, QUADS)
+    if len(traced):
+        best = _traced_ious(u, traced, gt, multi_contour)
+        levels = (taus * float(u.max())).astype(np.int64)  # int(tau * max)
+        for t, iou in zip(traced.tolist(), best.tolist(), strict=True):
+            columns = levels == t
+            correct[:, columns] = (iou >= cuts)[:, None]
+    if stats is not None:
+        for name, value in zip(("distinct", "empty", "holes", "traced"), counts.tolist(), strict=True):
+            stats[name] = stats.get(name, 0) + value
+    return correct
 
-    # 1. one result per distinct binary image, keyed by the number of pixels <= t
-    at_or_below = np.concatenate([[0], np.cumsum(np.bincount(u.ravel(), minlength=LEVELS))])
-    keys = at_or_below[np.clip(levels, -1, LEVELS - 1) + 1]
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    distinct = levels[first]
-    best = np.full(len(distinct), -1.0)  # best IoU per distinct image; -1: below every cut
-    boxes: list[tuple[int, int, int, int]] = []
-    owners: list[int] = []
 
-    # 2. empty foreground
-    empty = distinct >= umax
-    for k in np.flatnonzero(empty).tolist():
-        boxes.append((0, 0, 0, 0))
-        owners.append(k)
+def _traced_ious(u: np.ndarray, traced: np.ndarray, gt: np.ndarray, multi_contour: bool) -> np.ndarray:
+    """The best IoU at thresholds ``traced`` by the protocol's rule, tracing each on its crop.
 
-    # 3. the bound through the foreground's box F+
-    live = np.flatnonzero(~empty)
-    fx0, fy0, fx1, fy1 = foreground_bbox(u, distinct[live])
-    fbox = np.stack([fx0, fy0, np.minimum(fx1 + 1, width - 1), np.minimum(fy1 + 1, height - 1)], axis=1)
-    f, g = fbox[:, None, :], gt[None, :, :]
-    inter = (np.maximum(0, np.minimum(f[..., 2], g[..., 2]) - np.maximum(f[..., 0], g[..., 0]) + 1)
-             * np.maximum(0, np.minimum(f[..., 3], g[..., 3]) - np.maximum(f[..., 1], g[..., 1]) + 1))
-    gt_area = (gt[:, 2] - gt[:, 0] + 1) * (gt[:, 3] - gt[:, 1] + 1)
-    bound = (inter / gt_area[None, :]).max(axis=1) if len(live) else np.zeros(0)
-    reachable = bound >= min(cuts)
-
-    # 4. trace the rest on the foreground's crop; contours' areas and boxes are computed afterwards,
-    # all at once (per-contour OpenCV calls from Python would cost as much as the tracing)
-    traced = np.flatnonzero(reachable)
+    ``cv2.findContours`` on the crop to the foreground's bounding box with ``offset`` returns the
+    same contours, in the same order, as on the whole image (checked by the tests).
+    """
+    height, width = u.shape
+    x0s, y0s, x1s, y1s = foreground_bbox(u, traced)
     contours: list[np.ndarray] = []
     per_level: list[int] = []
-    for j in traced.tolist():
-        x0, y0 = int(fx0[j]), int(fy0[j])
-        crop = u[y0:int(fy1[j]) + 1, x0:int(fx1[j]) + 1]
-        _, binary = cv2.threshold(crop, int(distinct[live[j]]), 255, cv2.THRESH_BINARY)
+    for t, x0, y0, x1, y1 in zip(traced.tolist(), x0s.tolist(), y0s.tolist(), x1s.tolist(), y1s.tolist(),
+                                 strict=True):
+        _, binary = cv2.threshold(u[y0:y1 + 1, x0:x1 + 1], t, 255, cv2.THRESH_BINARY)
         found = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE, offset=(x0, y0))[0]
         contours.extend(found)
         per_level.append(len(found))
-    if contours:
-        traced_boxes, which = _contour_boxes(contours, np.asarray(per_level), multi_contour, width, height)
-        boxes.extend(map(tuple, traced_boxes.tolist()))
-        owners.extend(live[traced[which]].tolist())
-
-    if boxes:
-        np.maximum.at(best, np.asarray(owners), iou_matrix(np.asarray(boxes, dtype=np.int64), gt).max(axis=1))
-    if stats is not None:
-        for name, value in (("distinct", len(distinct)), ("empty", int(empty.sum())),
-                            ("bounded", int((~reachable).sum())), ("traced", len(traced))):
-            stats[name] = stats.get(name, 0) + value
-    per_tau = best[inverse.reshape(-1)]
-    return np.stack([per_tau >= cut for cut in cuts]).reshape(len(cuts), len(levels))
+    boxes, which = _contour_boxes(contours, np.asarray(per_level), multi_contour, width, height)
+    best = np.full(len(traced), -1.0)
+    np.maximum.at(best, which, iou_matrix(boxes, gt).max(axis=1))
+    return best
 
 
 def _contour_boxes(contours: list[np.ndarray], per_level: np.ndarray, multi_contour: bool, width: int,

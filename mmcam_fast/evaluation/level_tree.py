@@ -1,0 +1,658 @@
+"""Boxes of every threshold's contours at once: union-find over the level sets of a uint8 map.
+
+The protocol binarizes ``u > t`` and asks OpenCV for the contours (``RETR_TREE``). What the box
+evaluator needs from them is known without tracing, for all thresholds in one pass over the pixels:
+
+- Outer contours are the 8-connected components of ``{u > t}``, one each, and a contour's
+  ``boundingRect`` is its component's pixel bounding box.
+- Hole contours are the 4-connected components of ``{u <= t}`` that do not touch the image border
+  (OpenCV pads the image with zeros); the traced border of a hole runs through the foreground
+  pixels 4-adjacent to it, so its ``boundingRect`` is the hole's bounding box grown by one pixel.
+- ``cv2.contourArea`` of an outer contour is the area enclosed by the polygon through the centres
+  of its border pixels. Over the 2x2 windows ("quads") of pixel centres that polygon covers a full
+  cell where all four pixels are in the component or enclosed by it, half a cell where three are,
+  and nothing otherwise. For a component without holes that is ``Q4 + Q3 / 2`` of the component
+  itself, a sum of per-quad terms; so is its Euler number (Gray's bit quads for 8-connectivity,
+  ``(Q1 - Q3 - 2 QD) / 4``), which counts ``1 - holes``. Every quad's foreground pixels are
+  8-adjacent to each other, hence in one component, so both sums split exactly over components
+  and are carried through the union-find. A component with holes encloses more than its own quads:
+  its area is only bounded, between its own quad area and its centres' bounding box.
+- A hole contour never encloses more area than the outer contour of its component and comes after
+  it in OpenCV's list, so the largest contour (the first of equal areas) is always an outer one.
+  Without holes at a threshold every outer contour is at the top of the tree and OpenCV lists
+  them in reverse raster order of their first pixel.
+
+Pixels are visited once, in decreasing value (raster order among equal values): after all pixels
+above ``t`` are in, the union-find holds the components of ``{u > t}``. Which neighbours are
+already in is decided up front in one raster pass (the 8-bit "earlier neighbour" mask), and a
+lookup table says how many separate groups those neighbours form around the pixel (adjacent ring
+positions touch; so do two edge neighbours around one corner), so only a pixel that may join two
+components pays for more than one find. A component's label is the id of the first pixel that
+started it; attributes live per id.
+
+Holes use the mirror pass: pixels in increasing value, 4-connectivity, with a flag for components
+that reach the image border.
+
+All kernels are compiled with numba (``cache=True``: the compile is paid once per machine).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+LEVELS = 256
+
+# decision codes per threshold returned by the kernels
+DECIDED = 0
+TRACE = 1  # the largest contour is not determined by the union-find's data: trace this threshold
+HOLES = 2  # a hole box might reach an IoU cut that the outer boxes miss: compute the holes' boxes
+
+# Ring of the 8 neighbours, clockwise from the top-left: NW N NE E SE S SW W. Offsets (dy, dx).
+RING = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
+_EDGES = (1, 3, 5, 7)
+
+
+def _groups(mask: int, four: bool) -> list[int]:
+    """Ring positions representing the separate groups of set neighbours in ``mask``.
+
+    8-connectivity: ring neighbours i, i+1 touch, and so do two edge neighbours around a corner.
+    4-connectivity: only edge neighbours can be representatives (corners are not 4-adjacent to
+    the centre), and two of them are joined through a set corner between them.
+    """
+    on = [(mask >> i) & 1 for i in range(8)]
+    parent = list(range(8))
+
+    def find(i):
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for i in range(8):
+        links = [(i + 1) % 8]
+        if not four and i in _EDGES:
+            links.append((i + 2) % 8)
+        for j in links:
+            if on[i] and on[j]:
+                parent[find(i)] = find(j)
+    reps, seen = [], set()
+    for i in (_EDGES if four else (*_EDGES, 0, 2, 4, 6)):
+        if on[i] and find(i) not in seen:
+            seen.add(find(i))
+            reps.append(i)
+    return reps
+
+
+def _quad_deltas(mask: int) -> tuple[int, int]:
+    """Change of (twice the quad area, four times the Euler number) when the centre pixel joins.
+
+    The centre's four quads are NW (N, W, NW), NE (N, E, NE), SE (S, E, SE), SW (S, W, SW). A quad
+    with k pixels in adds 2 (k = 4) or 1 (k = 3) to twice the area; to 4 x Euler it adds 1 (k = 1),
+    -1 (k = 3), -2 (two diagonal pixels), 0 otherwise.
+    """
+    on = [(mask >> i) & 1 for i in range(8)]
+
+    def area2(k):
+        return 2 if k == 4 else (1 if k == 3 else 0)
+
+    def euler4(k, diagonal):
+        return {1: 1, 3: -1}.get(k, -2 if (k == 2 and diagonal) else 0)
+
+    d_area = d_euler = 0
+    for e1, e2, corner in ((1, 7, 0), (1, 3, 2), (5, 3, 4), (5, 7, 6)):
+        before = on[e1] + on[e2] + on[corner]
+        d_area += area2(before + 1) - area2(before)
+        # before the centre joins, a pair is diagonal when it is the two edges; after, when it is
+        # the centre and the corner
+        d_euler += (euler4(before + 1, before == 1 and on[corner] == 1)
+                    - euler4(before, before == 2 and on[corner] == 0))
+    return d_area, d_euler
+
+
+def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    groups8 = np.zeros((256, 5), np.int64)  # [count, ring positions of the representatives...]
+    groups4 = np.zeros((256, 5), np.int64)
+    quads = np.zeros(256, np.int64)  # twice-area delta + (4 x Euler delta << 32)
+    for mask in range(256):
+        for table, four in ((groups8, False), (groups4, True)):
+            reps = _groups(mask, four)
+            table[mask, 0] = len(reps)
+            table[mask, 1:1 + len(reps)] = reps
+        d_area, d_euler = _quad_deltas(mask)
+        quads[mask] = d_area + (d_euler << 32)
+    return groups8, groups4, quads
+
+
+GROUPS8, GROUPS4, QUADS = _tables()
+
+
+@njit(cache=True)
+def _ring_offsets(wp):
+    offsets = np.empty(8, np.int64)
+    offsets[0] = -wp - 1
+    offsets[1] = -wp
+    offsets[2] = -wp + 1
+    offsets[3] = 1
+    offsets[4] = wp + 1
+    offsets[5] = wp
+    offsets[6] = wp - 1
+    offsets[7] = -1
+    return offsets
+
+
+@njit(cache=True)
+def earlier_masks(u, descending):
+    """Per pixel (padded layout, one-pixel frame), which ring neighbours are visited before it.
+
+    The visiting order is by value (decreasing if ``descending``), then raster order among equal
+    values for the decreasing pass and reverse raster order for the increasing one (the second is
+    the first reversed). Frame pixels are never visited.
+    """
+    h, w = u.shape
+    wp = w + 2
+    padded = np.full((h + 2, wp), -1 if descending else 256, np.int16)
+    for y in range(h):
+        for x in range(w):
+            padded[y + 1, x + 1] = u[y, x]
+    masks = np.zeros((h + 2) * wp, np.uint8)
+    for y in range(1, h + 1):
+        above = padded[y - 1]
+        row = padded[y]
+        below = padded[y + 1]
+        base = y * wp
+        for x in range(1, w + 1):
+            v = row[x]
+            if descending:  # raster-earlier neighbours win ties
+                m = ((above[x - 1] >= v) | ((above[x] >= v) << 1) | ((above[x + 1] >= v) << 2)
+                     | ((row[x + 1] > v) << 3) | ((below[x + 1] > v) << 4) | ((below[x] > v) << 5)
+                     | ((below[x - 1] > v) << 6) | ((row[x - 1] >= v) << 7))
+            else:  # raster-later neighbours win ties
+                m = ((above[x - 1] < v) | ((above[x] < v) << 1) | ((above[x + 1] < v) << 2)
+                     | ((row[x + 1] <= v) << 3) | ((below[x + 1] <= v) << 4) | ((below[x] <= v) << 5)
+                     | ((below[x - 1] <= v) << 6) | ((row[x - 1] < v) << 7))
+            masks[base + x] = m
+    return masks
+
+
+@njit(cache=True)
+def sort_by_value(u):
+    """Padded pixel indices by decreasing value, raster order among equal values; and the histogram."""
+    h, w = u.shape
+    wp = w + 2
+    n = h * w
+    flat = u.ravel()
+    # four histograms and four write cursors per value: runs of equal values would otherwise
+    # serialize on one counter
+    quarter = n // 4
+    counts = np.zeros((4, LEVELS), np.int64)
+    for i in range(quarter):
+        counts[0, flat[i]] += 1
+        counts[1, flat[i + quarter]] += 1
+        counts[2, flat[i + 2 * quarter]] += 1
+        counts[3, flat[i + 3 * quarter]] += 1
+    for i in range(4 * quarter, n):
+        counts[3, flat[i]] += 1
+    cursor = np.empty((4, LEVELS), np.int64)
+    hist = np.empty(LEVELS, np.int64)
+    start = 0
+    for v in range(LEVELS - 1, -1, -1):
+        hist[v] = counts[0, v] + counts[1, v] + counts[2, v] + counts[3, v]
+        for j in range(4):
+            cursor[j, v] = start
+            start += counts[j, v]
+    order = np.empty(n, np.int64)
+    for i in range(quarter):
+        for j in range(4):
+            p = i + j * quarter
+            v = flat[p]
+            order[cursor[j, v]] = p + wp + 1 + 2 * (p // w)
+            cursor[j, v] += 1
+    for p in range(4 * quarter, n):
+        v = flat[p]
+        order[cursor[3, v]] = p + wp + 1 + 2 * (p // w)
+        cursor[3, v] += 1
+    return order, hist
+
+
+@njit(cache=True, inline="always")
+def _iou(x0, y0, x1, y1, gt):
+    """The protocol's best IoU of one box against the ground-truth boxes (float64, inclusive pixels)."""
+    best = 0.0
+    area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    for g in range(gt.shape[0]):
+        iw = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
+        ih = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
+        inter = max(0, iw) * max(0, ih)
+        denominator = area + (gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1) - inter
+        iou = inter / denominator if denominator > 0 else 0.0
+        if iou > best:
+            best = iou
+    return best
+
+
+@njit(cache=True, inline="always")
+def _inside_bound(x0, y0, x1, y1, gt):
+    """Upper bound of the IoU of any box inside this one: ``max |B & G| / |G|`` (see box_fast)."""
+    best = 0.0
+    for g in range(gt.shape[0]):
+        iw = min(x1, gt[g, 2]) - max(x0, gt[g, 0]) + 1
+        ih = min(y1, gt[g, 3]) - max(y0, gt[g, 1]) + 1
+        bound = max(0, iw) * max(0, ih) / ((gt[g, 2] - gt[g, 0] + 1) * (gt[g, 3] - gt[g, 1] + 1))
+        if bound > best:
+            best = bound
+    return best
+
+
+@njit(cache=True, inline="always")
+def _band(iou, cuts):
+    """How many IoU cuts ``iou`` reaches (``iou >= cut``); equal bands give equal answers."""
+    band = 0
+    for c in range(cuts.shape[0]):
+        if iou >= cuts[c]:
+            band += 1
+    return band
+
+
+@njit(cache=True)
+def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads, record):
+    """Per threshold t with ``need[t]``: the protocol's best IoU from the outer contours' boxes.
+
+    Args:
+        order, hist: :func:`sort_by_value` of the map.
+        masks: :func:`earlier_masks` of the map, ``descending=True``.
+        shape: ``(H, W)``.
+        need: bool ``[256]``: thresholds to decide (each must have a non-empty foreground).
+        gt: int64 ``[G, 4]`` ground-truth boxes.
+        cuts: float64 IoU cuts (T / 100).
+        multi: every contour's box counts (MaxBoxAccV2) instead of the largest contour's.
+        groups, quads: :data:`GROUPS8` and :data:`QUADS`.
+        record: also return every component at every needed threshold (for tests).
+
+    Returns:
+        ``best`` float64 ``[256]`` (the best IoU, meaningful where decided), ``status`` int8
+        ``[256]``: :data:`DECIDED`, :data:`TRACE` (single contour: the largest contour is not
+        determined) or :data:`HOLES` (multi contour: holes' boxes are still to be scored), and the
+        records, int64 ``[R, 8]`` rows ``(t, x0, y0, x1, y1, twice quad area, 4 x Euler number,
+        first pixel's raster index)`` (empty unless ``record``).
+    """
+    h, w = shape
+    wp = w + 2
+    n = h * w
+    best = np.full(LEVELS, -1.0)
+    status = np.zeros(LEVELS, np.int8)
+    records = np.empty((64 if record else 0, 8), np.int64)
+    kept = 0
+    lowest = -1
+    for t in range(LEVELS):
+        if need[t]:
+            lowest = t
+            break
+    if lowest < 0:
+        return best, status, records
+    # Indices are unsigned: numba then skips its negative-index wrap-around test on every access.
+    # Ring offsets wrap modulo 2**64, so adding one to an index still lands on the neighbour.
+    offsets = _ring_offsets(wp).astype(np.uint64)
+    one = np.uint64(1)
+    row = np.uint64(wp)
+    label = np.empty((h + 2) * wp, np.uint64)  # component id of a visited pixel (its root then)
+    parent = np.empty(n + 1, np.uint64)  # union-find over component ids
+    x0 = np.empty(n + 1, np.int64)
+    y0 = np.empty(n + 1, np.int64)
+    x1 = np.empty(n + 1, np.int64)
+    y1 = np.empty(n + 1, np.int64)
+    first = np.empty(n + 1, np.int64)  # the component's first pixel in raster order (padded index)
+    packed = np.zeros(n + 1, np.int64)  # twice the quad area + (4 x Euler << 32)
+    live = np.empty(n, np.int64)  # ids of the current roots
+    slot = np.empty(n + 1, np.uint64)  # position of a root in ``live``
+    count = np.uint64(0)
+    ids = one  # id 0 is a scratch root for the sum cache below
+    # The quad sums of the root that the last pixels joined are accumulated in a register and
+    # added to it when another root comes up, before a merge and at each threshold. (Bounding
+    # boxes are updated in place: a pixel rarely extends one, so those stores are rare.)
+    current = np.uint64(0)
+    pending = 0
+    k = np.uint64(0)
+    for v in range(LEVELS - 1, lowest, -1):
+        end = k + np.uint64(hist[v])
+        while k < end:
+            q = np.uint64(order[k])
+            k += one
+            m = np.uint64(masks[q])
+            ng = groups[m, 0]
+            yp = q // row
+            y = np.int64(yp) - 1
+            x = np.int64(q - yp * row) - 1
+            if ng == 0:  # a new component
+                r = ids
+                ids += one
+                parent[r] = r
+                x0[r] = x
+                y0[r] = y
+                x1[r] = x
+                y1[r] = y
+                first[r] = np.int64(q)
+                packed[r] = 0
+                live[count] = np.int64(r)
+                slot[r] = count
+                count += one
+            else:
+                r = label[q + offsets[groups[m, 1]]]
+                while parent[r] != r:
+                    r = parent[r]
+                if ng > 1:
+                    packed[current] += pending
+                    pending = 0
+                    for g in range(1, ng):
+                        r2 = label[q + offsets[groups[m, 1 + g]]]
+                        while parent[r2] != r2:
+                            r2 = parent[r2]
+                        if r2 != r:
+                            if r2 < r:  # the older id survives
+                                r, r2 = r2, r
+                            parent[r2] = r
+                            x0[r] = min(x0[r], x0[r2])
+                            y0[r] = min(y0[r], y0[r2])
+                            x1[r] = max(x1[r], x1[r2])
+                            y1[r] = max(y1[r], y1[r2])
+                            first[r] = min(first[r], first[r2])
+                            packed[r] += packed[r2]
+                            count -= one
+                            moved = live[count]
+                            live[slot[r2]] = moved
+                            slot[np.uint64(moved)] = slot[r2]
+                if x < x0[r]:
+                    x0[r] = x
+                if x > x1[r]:
+                    x1[r] = x
+                if y < y0[r]:
+                    y0[r] = y
+                if y > y1[r]:
+                    y1[r] = y
+                if np.int64(q) < first[r]:
+                    first[r] = np.int64(q)
+            if r != current:
+                packed[current] += pending
+                pending = 0
+                current = r
+            label[q] = r
+            pending += quads[m]
+        t = v - 1
+        if not need[t]:
+            continue
+        packed[current] += pending
+        pending = 0
+        alive = live[:np.int64(count)]
+        best[t], status[t] = _decide(alive, x0, y0, x1, y1, first, packed, gt, cuts, multi, w, h)
+        if record:
+            if kept + len(alive) > records.shape[0]:
+                grown = np.empty((2 * (kept + len(alive)), 8), np.int64)
+                grown[:kept] = records[:kept]
+                records = grown
+            for r in alive:
+                f = first[r]
+                records[kept, 0] = t
+                records[kept, 1] = x0[r]
+                records[kept, 2] = y0[r]
+                records[kept, 3] = x1[r]
+                records[kept, 4] = y1[r]
+                records[kept, 5] = packed[r] & 0xFFFFFFFF
+                records[kept, 6] = packed[r] >> 32
+                records[kept, 7] = (f // wp - 1) * w + f % wp - 1
+                kept += 1
+    return best, status, records[:kept]
+
+
+@njit(cache=True)
+def _decide(live, x0, y0, x1, y1, first, packed, gt, cuts, multi, w, h):
+    """One threshold's best IoU and status from its live components (see :func:`outer_levels`)."""
+    count = len(live)
+    if multi or count == 1:
+        top = -1.0
+        holey_bound = -1.0
+        for i in range(count):
+            r = live[i]
+            bx1 = min(x1[r] + 1, w - 1)
+            by1 = min(y1[r] + 1, h - 1)
+            iou = _iou(x0[r], y0[r], bx1, by1, gt)
+            if iou > top:
+                top = iou
+            if multi and (packed[r] >> 32) < 4:  # Euler number < 1: the component has holes
+                bound = _inside_bound(x0[r], y0[r], bx1, by1, gt)
+                if bound > holey_bound:
+                    holey_bound = bound
+        if multi and _band(holey_bound, cuts) > _band(top, cuts):
+            return top, HOLES
+        return top, DECIDED
+    # Single contour, several components: the largest outer contour. Twice its area is exact for a
+    # component without holes (its own quad area) and otherwise within [own quad area, twice the
+    # area of its centres' bounding box].
+    largest_low = -1
+    any_holes = False
+    for i in range(count):
+        r = live[i]
+        low = packed[r] & 0xFFFFFFFF
+        if low > largest_low:
+            largest_low = low
+        if (packed[r] >> 32) < 4:
+            any_holes = True
+    # candidates: components whose area may reach the largest lower bound
+    band_min = cuts.shape[0] + 1
+    band_max = -1
+    candidates = 0
+    exact = True
+    tied = 0
+    chosen = -1
+    for i in range(count):
+        r = live[i]
+        low = packed[r] & 0xFFFFFFFF
+        high = low if (packed[r] >> 32) == 4 else 2 * (x1[r] - x0[r]) * (y1[r] - y0[r])
+        if high < largest_low:
+            continue
+        candidates += 1
+        if high != low:
+            exact = False
+        band = _band(_iou(x0[r], y0[r], min(x1[r] + 1, w - 1), min(y1[r] + 1, h - 1), gt), cuts)
+        band_min = min(band_min, band)
+        band_max = max(band_max, band)
+        if low == largest_low:
+            tied += 1
+            # of equal areas, OpenCV lists the component found last (in raster order) first
+            if chosen < 0 or first[r] > first[chosen]:
+                chosen = r
+    # decided: one candidate; or all candidates score alike; or exact areas with one largest; or
+    # exact equal areas at a threshold without holes (every contour at the top of the tree)
+    if candidates == 1 or band_min == band_max or (exact and (tied == 1 or not any_holes)):
+        r = chosen
+        return _iou(x0[r], y0[r], min(x1[r] + 1, w - 1), min(y1[r] + 1, h - 1), gt), DECIDED
+    return -1.0, TRACE
+
+
+@njit(cache=True)
+def hole_levels(order, hist, masks, shape, need, gt, groups, record):
+    """Per threshold t with ``need[t]``: the best IoU of the hole contours' boxes (-1 if none).
+
+    Holes of ``{u > t}`` are the 4-connected components of ``{u <= t}`` that do not reach the image
+    border; the box of a hole with pixel bounding box ``(x0, y0, x1, y1)`` is the protocol's box of
+    its contour, ``(x0 - 1, y0 - 1, min(x1 + 2, W - 1), min(y1 + 2, H - 1))``.
+
+    Args:
+        order, hist: :func:`sort_by_value` of the map (visited here from the end).
+        masks: :func:`earlier_masks` of the map, ``descending=False``.
+        shape: ``(H, W)``.
+        need: bool ``[256]``.
+        gt: int64 ``[G, 4]`` ground-truth boxes.
+        groups: :data:`GROUPS4`.
+        record: also return every hole at every needed threshold (for tests).
+
+    Returns:
+        ``best`` float64 ``[256]`` and the records, int64 ``[R, 5]`` rows ``(t, x0, y0, x1, y1)``
+        of the holes' pixel bounding boxes (empty unless ``record``).
+    """
+    h, w = shape
+    wp = w + 2
+    n = h * w
+    best = np.full(LEVELS, -1.0)
+    records = np.empty((64 if record else 0, 5), np.int64)
+    kept = 0
+    highest = -1
+    for t in range(LEVELS - 1, -1, -1):
+        if need[t]:
+            highest = t
+            break
+    if highest < 0:
+        return best, records
+    offsets = _ring_offsets(wp).astype(np.uint64)
+    one = np.uint64(1)
+    row = np.uint64(wp)
+    label = np.empty((h + 2) * wp, np.uint64)
+    parent = np.empty(n, np.uint64)
+    x0 = np.empty(n, np.int64)
+    y0 = np.empty(n, np.int64)
+    x1 = np.empty(n, np.int64)
+    y1 = np.empty(n, np.int64)
+    border = np.empty(n, np.bool_)
+    live = np.empty(n, np.int64)
+    slot = np.empty(n, np.uint64)
+    count = np.uint64(0)
+    ids = np.uint64(0)
+    k = n  # increasing value, reverse raster order among equal values: the sorted order reversed
+    for v in range(highest + 1):
+        end = k - hist[v]
+        while k > end:
+            k -= 1
+            q = np.uint64(order[k])
+            m = np.uint64(masks[q])
+            ng = groups[m, 0]
+            yp = q // row
+            y = np.int64(yp) - 1
+            x = np.int64(q - yp * row) - 1
+            edge = x == 0 or y == 0 or x == w - 1 or y == h - 1
+            if ng == 0:
+                r = ids
+                ids += one
+                parent[r] = r
+                x0[r] = x
+                y0[r] = y
+                x1[r] = x
+                y1[r] = y
+                border[r] = edge
+                live[count] = np.int64(r)
+                slot[r] = count
+                count += one
+            else:
+                r = label[q + offsets[groups[m, 1]]]
+                while parent[r] != r:
+                    r = parent[r]
+                for g in range(1, ng):
+                    r2 = label[q + offsets[groups[m, 1 + g]]]
+                    while parent[r2] != r2:
+                        r2 = parent[r2]
+                    if r2 != r:
+                        if r2 < r:
+                            r, r2 = r2, r
+                        parent[r2] = r
+                        x0[r] = min(x0[r], x0[r2])
+                        y0[r] = min(y0[r], y0[r2])
+                        x1[r] = max(x1[r], x1[r2])
+                        y1[r] = max(y1[r], y1[r2])
+                        border[r] = border[r] or border[r2]
+                        count -= one
+                        moved = live[count]
+                        live[slot[r2]] = moved
+                        slot[np.uint64(moved)] = slot[r2]
+                if x < x0[r]:
+                    x0[r] = x
+                if x > x1[r]:
+                    x1[r] = x
+                if y < y0[r]:
+                    y0[r] = y
+                if y > y1[r]:
+                    y1[r] = y
+                if edge:
+                    border[r] = True
+            label[q] = r
+        if not need[v]:
+            continue
+        top = -1.0
+        for r in live[:np.int64(count)]:
+            if border[r]:
+                continue
+            iou = _iou(x0[r] - 1, y0[r] - 1, min(x1[r] + 2, w - 1), min(y1[r] + 2, h - 1), gt)
+            if iou > top:
+                top = iou
+            if record:
+                if kept == records.shape[0]:
+                    grown = np.empty((2 * kept, 5), np.int64)
+                    grown[:kept] = records[:kept]
+                    records = grown
+                records[kept, 0] = v
+                records[kept, 1] = x0[r]
+                records[kept, 2] = y0[r]
+                records[kept, 3] = x1[r]
+                records[kept, 4] = y1[r]
+                kept += 1
+        best[v] = top
+    return best, records[:kept]
+
+
+@njit(cache=True)
+def box_levels(u, taus, gt, cuts, multi, groups8, groups4, quads):
+    """The protocol's per-threshold answers of one map, except thresholds left to tracing.
+
+    Args:
+        u: uint8 ``[H, W]`` map (C-contiguous).
+        taus: float64 CAM thresholds; the binary image of tau is ``u > int(tau * max(u))``.
+        gt: int64 ``[G, 4]`` ground-truth boxes.
+        cuts: float64 IoU cuts (T / 100).
+        multi: MaxBoxAccV2's every-contour rule instead of MaxBoxAcc's largest contour.
+        groups8, groups4, quads: :data:`GROUPS8`, :data:`GROUPS4`, :data:`QUADS`.
+
+    Returns:
+        ``correct`` bool ``[len(cuts), len(taus)]`` (columns of traced thresholds unset), the
+        integer thresholds to trace (int64), and counts ``[distinct, empty, holes, traced]``.
+    """
+    h, w = u.shape
+    umax = 0
+    for y in range(h):
+        for x in range(w):
+            umax = max(umax, np.int64(u[y, x]))
+    levels = np.empty(len(taus), np.int64)
+    need = np.zeros(LEVELS, np.bool_)
+    seen = np.zeros(LEVELS + 1, np.bool_)  # index t + 1 for t in [-1, 255]
+    for j in range(len(taus)):
+        t = np.int64(taus[j] * np.float64(umax))  # int(tau * max): truncation toward zero
+        t = min(max(t, -1), LEVELS - 1)
+        levels[j] = t
+        seen[t + 1] = True
+        if 0 <= t < umax:
+            need[t] = True
+    masks = earlier_masks(u, True)
+    order, hist = sort_by_value(u)
+    best, status, _ = outer_levels(order, hist, masks, (h, w), need, gt, cuts, multi, groups8, quads, False)
+    holes = need & (status == HOLES)
+    n_holes = holes.sum()
+    if n_holes > 0:
+        hole_best, _ = hole_levels(order, hist, earlier_masks(u, False), (h, w), holes, gt, groups4, False)
+        for t in range(LEVELS):
+            if holes[t] and hole_best[t] > best[t]:
+                best[t] = hole_best[t]
+    # t < 0 keeps every pixel: one component, the whole image; t >= max keeps none: (0, 0, 0, 0)
+    whole = _iou(0, 0, w - 1, h - 1, gt)
+    empty = _iou(0, 0, 0, 0, gt)
+    correct = np.zeros((len(cuts), len(taus)), np.bool_)
+    for j in range(len(taus)):
+        t = levels[j]
+        if t < 0:
+            iou = whole
+        elif t >= umax:
+            iou = empty
+        elif status[t] == TRACE:
+            continue
+        else:
+            iou = best[t]
+        for c in range(len(cuts)):
+            correct[c, j] = iou >= cuts[c]
+    traced = np.flatnonzero(need & (status == TRACE))
+    distinct = seen.sum()
+    n_empty = seen[1 + umax:].sum()
+    return correct, traced, np.array([distinct, n_empty, n_holes, len(traced)], np.int64)
