@@ -245,6 +245,13 @@ class _Run:
             _keep_lines(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= p.step)
             _keep_lines(self.run_dir / "val_metrics.jsonl", lambda row: row.get("epoch", 0) <= p.epoch)
         if p.epoch_step:
+            saved_world = int(state.get("world_size", 1))
+            if saved_world != self.world.world_size:
+                raise ConfigError(
+                    f"--resume {path}: taken {p.epoch_step} steps into an epoch by {saved_world} "
+                    f"process(es), this run has {self.world.world_size}: the rest of the epoch's batches "
+                    f"exist only for {saved_world}; resume with that many, or from a checkpoint taken at "
+                    "the end of an epoch")
             loader_state = state.get("loader")
             if loader_state is None or int(loader_state.get("epoch", -1)) != p.epoch:
                 raise ConfigError(f"--resume {path}: a mid-epoch checkpoint without the loader position "

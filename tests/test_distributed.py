@@ -163,3 +163,20 @@ def test_stage2_fc_gradient_is_averaged_over_ranks_and_nonfinite_skips_everywher
     torch.testing.assert_close(ranks[0]["fc_after_stage2"], expected, rtol=1e-5, atol=1e-7)
     assert [r["unchanged_after_nan"] for r in ranks] == [True, True]
     assert [r["skipped"] for r in ranks] == [1, 1]
+
+
+def test_device_and_sync_bn_errors_name_the_flag(monkeypatch):
+    from mmcam_fast import distributed
+    from mmcam_fast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--sync-bn needs CUDA"):
+        Trainer(create_model("resnet18", 3), TrainConfig(impl="reference", sync_bn=True))
+    with pytest.raises(ConfigError, match="--device 'gpu0' is not a device"):
+        distributed.init("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--device cuda: CUDA is not available"):
+        distributed.init("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not an integer"):
+        distributed.init("cpu")
+    assert distributed.rank_seed(7, 0) == 7 and distributed.rank_seed(7, 1) != distributed.rank_seed(7, 2)

@@ -121,6 +121,11 @@ def test_resume_refuses_changed_settings_and_missing_files(tmp_path, synthetic_r
         assert run_main(main, flags) == 0
         assert run_main(main, [*flags, "--resume", "auto", "--set-size", "4"]) == 2
         assert "set_size: 3 in the checkpoint, 4 now" in capsys.readouterr().err
+        # a checkpoint taken mid-epoch by two processes cannot continue in one
+        state = _load(out / "checkpoints" / "last.pt")
+        atomic_save({**state, "epoch": 0, "epoch_step": 1, "world_size": 2}, out / "checkpoints" / "last.pt")
+        assert run_main(main, [*flags, "--resume", "auto"]) == 2
+        assert "taken 1 steps into an epoch by 2 process(es), this run has 1" in capsys.readouterr().err
     finally:
         torch.set_num_threads(threads)
     assert run_main(main, [*flags, "--resume", str(tmp_path / "nope.pt")]) == 2
