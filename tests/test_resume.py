@@ -77,9 +77,13 @@ def _differences(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k], b[k])]
 
 
-def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, synthetic_root):
-    uninterrupted = _start(_train_command(tmp_path / "uninterrupted", synthetic_root))
-    killed_dir = tmp_path / "killed"
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory, synthetic_root):
+    """An uninterrupted run, and the same run killed (SIGKILL) after step 6 and resumed: their folders
+    and the resumed run's stderr."""
+    root = tmp_path_factory.mktemp("resume")
+    uninterrupted = _start(_train_command(root / "uninterrupted", synthetic_root))
+    killed_dir = root / "killed"
     victim = _start(_train_command(killed_dir, synthetic_root))
     deadline = time.monotonic() + 240
     while _logged_steps(killed_dir / "metrics.jsonl") < KILL_AFTER_STEP:
@@ -89,13 +93,17 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, syn
     victim.send_signal(signal.SIGKILL)  # wherever it is: between steps or writing a checkpoint
     victim.communicate()
     assert victim.returncode == -signal.SIGKILL
-
     stderr = _finish(_start(_train_command(killed_dir, synthetic_root, "--resume", "auto")))
     _finish(uninterrupted)
+    return root / "uninterrupted", killed_dir, stderr
+
+
+def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(killed_and_resumed):
+    uninterrupted_dir, killed_dir, stderr = killed_and_resumed
     assert "resuming from" in stderr and "steps into the epoch" in stderr
     assert not list((killed_dir / "checkpoints").glob(".*.tmp"))
 
-    expected = _load(tmp_path / "uninterrupted" / "checkpoints" / "last.pt")
+    expected = _load(uninterrupted_dir / "checkpoints" / "last.pt")
     resumed = _load(killed_dir / "checkpoints" / "last.pt")
     [resumed_at] = resumed["resumed_at"]
     assert KILL_AFTER_STEP - 1 <= resumed_at and resumed_at % STEPS_PER_EPOCH != 0, resumed_at
@@ -108,26 +116,20 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, syn
         assert resumed[key] == expected[key], key
     # the logs are the uninterrupted run's: rows past the checkpoint were dropped, then written again
     for name in ("metrics.jsonl", "val_metrics.jsonl"):
-        assert (killed_dir / name).read_text() == (tmp_path / "uninterrupted" / name).read_text(), name
+        assert (killed_dir / name).read_text() == (uninterrupted_dir / name).read_text(), name
 
 
-def test_resume_refuses_changed_settings_and_missing_files(tmp_path, synthetic_root, capsys):
-    out = tmp_path / "run"
-    flags = [*FLAGS, "--data-root", str(synthetic_root), "--out", str(out), "--epochs", "1",
-             "--max-steps-per-epoch", "1", "--eval-every", "0"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert run_main(main, flags) == 0
-        assert run_main(main, [*flags, "--resume", "auto", "--set-size", "4"]) == 2
-        assert "set_size: 3 in the checkpoint, 4 now" in capsys.readouterr().err
-        # a checkpoint taken mid-epoch by two processes cannot continue in one
-        state = _load(out / "checkpoints" / "last.pt")
-        atomic_save({**state, "epoch": 0, "epoch_step": 1, "world_size": 2}, out / "checkpoints" / "last.pt")
-        assert run_main(main, [*flags, "--resume", "auto"]) == 2
-        assert "taken 1 steps into an epoch by 2 process(es), this run has 1" in capsys.readouterr().err
-    finally:
-        torch.set_num_threads(threads)
+def test_resume_refuses_changed_settings_and_missing_files(killed_and_resumed, tmp_path, synthetic_root,
+                                                           capsys):
+    state = _load(killed_and_resumed[1] / "checkpoints" / "last.pt")
+    flags = [*FLAGS, "--data-root", str(synthetic_root), "--out", str(tmp_path)]
+    atomic_save(state, tmp_path / "checkpoints" / "last.pt")
+    assert run_main(main, [*flags, "--resume", "auto", "--set-size", "4"]) == 2
+    assert "set_size: 3 in the checkpoint, 4 now" in capsys.readouterr().err
+    # a checkpoint taken mid-epoch by two processes cannot continue in one
+    atomic_save({**state, "epoch": 1, "epoch_step": 1, "world_size": 2}, tmp_path / "checkpoints" / "last.pt")
+    assert run_main(main, [*flags, "--resume", "auto"]) == 2
+    assert "taken 1 steps into an epoch by 2 process(es), this run has 1" in capsys.readouterr().err
     assert run_main(main, [*flags, "--resume", str(tmp_path / "nope.pt")]) == 2
     assert f"--resume {tmp_path / 'nope.pt'}: file not found" in capsys.readouterr().err
 
