@@ -31,7 +31,25 @@ import numpy as np
 
 from mmcam_fast.evaluation.boxes import iou_matrix
 from mmcam_fast.evaluation.level_sets import foreground_bbox
-from mmcam_fast.evaluation.level_tree import GROUPS4, GROUPS8, QUADS, box_levels
+from mmcam_fast.evaluation.level_tree import (
+    GROUPS4,
+    GROUPS8,
+    HOLES,
+    QUADS,
+    STEPS4,
+    STEPS8,
+    TRACE,
+    answers,
+    earlier_masks,
+    hole_levels,
+    needed_levels,
+    outer_levels,
+    sort_by_value,
+)
+
+# zero-capacity record arrays: the passes record nothing outside the tests
+_NO_COMPONENTS = np.empty((0, 8), np.int64)
+_NO_HOLES = np.empty((0, 5), np.int64)
 
 
 def to_uint8(scoremap: np.ndarray) -> np.ndarray:
@@ -63,16 +81,27 @@ def box_correct_fast_u8(u: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_th
     u = np.ascontiguousarray(u, dtype=np.uint8)
     gt = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
     cuts = np.array([iou_threshold / 100 for iou_threshold in iou_thresholds], dtype=np.float64)
-    taus = np.asarray(cam_thresholds, dtype=np.float64).reshape(-1)
-    correct, traced, counts = box_levels(u, taus, gt, cuts, bool(multi_contour), GROUPS8, GROUPS4, QUADS)
+    levels, need, umax = needed_levels(u, np.asarray(cam_thresholds, dtype=np.float64).reshape(-1))
+    # the kernels are separate compiled functions called from here: one numba function calling the
+    # others would be compiled again as a whole, doubling the first-call compile time
+    order, where, hist = sort_by_value(u)
+    best, status, _ = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt, cuts,
+                                   bool(multi_contour), GROUPS8, STEPS8, QUADS, _NO_COMPONENTS)
+    holes = need & (status == HOLES)
+    n_holes = int(holes.sum())
+    if n_holes:
+        hole_best, _ = hole_levels(order, where, hist, earlier_masks(u, False), u.shape, holes, gt, GROUPS4,
+                                   STEPS4, _NO_HOLES)
+        best = np.where(holes, np.maximum(best, hole_best), best)
+    correct = answers(levels, best, status, umax, u.shape, gt, cuts)
+    traced = np.flatnonzero(need & (status == TRACE))
     if len(traced):
-        best = _traced_ious(u, traced, gt, multi_contour)
-        levels = (taus * float(u.max())).astype(np.int64)  # int(tau * max)
-        for t, iou in zip(traced.tolist(), best.tolist(), strict=True):
-            columns = levels == t
-            correct[:, columns] = (iou >= cuts)[:, None]
+        for t, iou in zip(traced.tolist(), _traced_ious(u, traced, gt, multi_contour).tolist(), strict=True):
+            correct[:, levels == t] = (iou >= cuts)[:, None]
     if stats is not None:
-        for name, value in zip(("distinct", "empty", "holes", "traced"), counts.tolist(), strict=True):
+        distinct = np.unique(levels)
+        for name, value in (("distinct", len(distinct)), ("empty", int((distinct >= umax).sum())),
+                            ("holes", n_holes), ("traced", len(traced))):
             stats[name] = stats.get(name, 0) + value
     return correct
 

@@ -124,6 +124,9 @@ def _tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 GROUPS8, GROUPS4, QUADS = _tables()
+# one load per pixel in the passes: group count in bits 0-2, first representative's ring position above
+STEPS8 = GROUPS8[:, 0] | (GROUPS8[:, 1] << 3)
+STEPS4 = GROUPS4[:, 0] | (GROUPS4[:, 1] << 3)
 
 
 @njit(cache=True)
@@ -176,45 +179,64 @@ def earlier_masks(u, descending):
 
 @njit(cache=True)
 def sort_by_value(u):
-    """Padded pixel indices by decreasing value, raster order among equal values; and the histogram."""
+    """Pixels by decreasing value, raster order among equal values.
+
+    Returns:
+        ``order`` (padded indices), ``where`` (``y << 16 | x`` of the same pixels, so that the
+        passes need no division) and the value histogram.
+    """
     h, w = u.shape
     wp = w + 2
-    n = h * w
-    flat = u.ravel()
-    # four histograms and four write cursors per value: runs of equal values would otherwise
-    # serialize on one counter
-    quarter = n // 4
-    counts = np.zeros((4, LEVELS), np.int64)
-    for i in range(quarter):
-        counts[0, flat[i]] += 1
-        counts[1, flat[i + quarter]] += 1
-        counts[2, flat[i + 2 * quarter]] += 1
-        counts[3, flat[i + 3 * quarter]] += 1
-    for i in range(4 * quarter, n):
-        counts[3, flat[i]] += 1
-    cursor = np.empty((4, LEVELS), np.int64)
+    # Four bands of rows, each with its own histogram and write cursors: runs of equal values
+    # would otherwise serialize on one counter. Band j's pixels go after band j - 1's within each
+    # value, which keeps raster order among equal values.
+    bands = 4
+    bounds = np.empty(bands + 1, np.int64)
+    for j in range(bands + 1):
+        bounds[j] = j * h // bands
+    counts = np.zeros((bands, LEVELS), np.int64)
+    for j in range(bands):
+        for y in range(bounds[j], bounds[j + 1]):
+            for x in range(w):
+                counts[j, u[y, x]] += 1
+    cursor = np.empty((bands, LEVELS), np.int64)
     hist = np.empty(LEVELS, np.int64)
     start = 0
     for v in range(LEVELS - 1, -1, -1):
-        hist[v] = counts[0, v] + counts[1, v] + counts[2, v] + counts[3, v]
-        for j in range(4):
-            cursor[j, v] = start
-            start += counts[j, v]
-    order = np.empty(n, np.int64)
-    for i in range(quarter):
-        for j in range(4):
-            p = i + j * quarter
-            v = flat[p]
-            order[cursor[j, v]] = p + wp + 1 + 2 * (p // w)
-            cursor[j, v] += 1
-    for p in range(4 * quarter, n):
-        v = flat[p]
-        order[cursor[3, v]] = p + wp + 1 + 2 * (p // w)
-        cursor[3, v] += 1
-    return order, hist
+        total = 0
+        for j in range(bands):
+            cursor[j, v] = start + total
+            total += counts[j, v]
+        hist[v] = total
+        start += total
+    order = np.empty(h * w, np.int32)
+    where = np.empty(h * w, np.int32)
+    rows = bounds[1] - bounds[0]
+    for i in range(rows):  # the bands advance together, interleaving their writes
+        for j in range(bands):
+            y = bounds[j] + i
+            if y >= bounds[j + 1]:
+                continue
+            base = (y + 1) * wp + 1
+            for x in range(w):
+                v = u[y, x]
+                c = cursor[j, v]
+                order[c] = base + x
+                where[c] = (y << 16) | x
+                cursor[j, v] = c + 1
+    for j in range(bands):  # rows left over when the bands differ in height
+        for y in range(bounds[j] + rows, bounds[j + 1]):
+            base = (y + 1) * wp + 1
+            for x in range(w):
+                v = u[y, x]
+                c = cursor[j, v]
+                order[c] = base + x
+                where[c] = (y << 16) | x
+                cursor[j, v] = c + 1
+    return order, where, hist
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _iou(x0, y0, x1, y1, gt):
     """The protocol's best IoU of one box against the ground-truth boxes (float64, inclusive pixels)."""
     best = 0.0
@@ -230,7 +252,7 @@ def _iou(x0, y0, x1, y1, gt):
     return best
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _inside_bound(x0, y0, x1, y1, gt):
     """Upper bound of the IoU of any box inside this one: ``max |B & G| / |G|`` (see box_fast)."""
     best = 0.0
@@ -243,7 +265,7 @@ def _inside_bound(x0, y0, x1, y1, gt):
     return best
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _band(iou, cuts):
     """How many IoU cuts ``iou`` reaches (``iou >= cut``); equal bands give equal answers."""
     band = 0
@@ -254,33 +276,33 @@ def _band(iou, cuts):
 
 
 @njit(cache=True)
-def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads, record):
+def outer_levels(order, where, hist, masks, shape, need, gt, cuts, multi, groups, steps, quads, records):
     """Per threshold t with ``need[t]``: the protocol's best IoU from the outer contours' boxes.
 
     Args:
-        order, hist: :func:`sort_by_value` of the map.
+        order, where, hist: :func:`sort_by_value` of the map.
         masks: :func:`earlier_masks` of the map, ``descending=True``.
         shape: ``(H, W)``.
         need: bool ``[256]``: thresholds to decide (each must have a non-empty foreground).
         gt: int64 ``[G, 4]`` ground-truth boxes.
         cuts: float64 IoU cuts (T / 100).
         multi: every contour's box counts (MaxBoxAccV2) instead of the largest contour's.
-        groups, quads: :data:`GROUPS8` and :data:`QUADS`.
-        record: also return every component at every needed threshold (for tests).
+        groups, steps, quads: :data:`GROUPS8`, :data:`STEPS8` and :data:`QUADS`.
+        records: int64 ``[R, 8]`` array that receives, for tests, every component at every needed
+            threshold as rows ``(t, x0, y0, x1, y1, twice quad area, 4 x Euler number, first
+            pixel's raster index)`` up to its capacity (``R = 0``: nothing is recorded).
 
     Returns:
         ``best`` float64 ``[256]`` (the best IoU, meaningful where decided), ``status`` int8
         ``[256]``: :data:`DECIDED`, :data:`TRACE` (single contour: the largest contour is not
-        determined) or :data:`HOLES` (multi contour: holes' boxes are still to be scored), and the
-        records, int64 ``[R, 8]`` rows ``(t, x0, y0, x1, y1, twice quad area, 4 x Euler number,
-        first pixel's raster index)`` (empty unless ``record``).
+        determined) or :data:`HOLES` (multi contour: holes' boxes are still to be scored), and how
+        many components there were to record (more than ``R`` means some were left out).
     """
     h, w = shape
     wp = w + 2
     n = h * w
     best = np.full(LEVELS, -1.0)
     status = np.zeros(LEVELS, np.int8)
-    records = np.empty((64 if record else 0, 8), np.int64)
     kept = 0
     lowest = -1
     for t in range(LEVELS):
@@ -288,12 +310,11 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads
             lowest = t
             break
     if lowest < 0:
-        return best, status, records
+        return best, status, kept
     # Indices are unsigned: numba then skips its negative-index wrap-around test on every access.
     # Ring offsets wrap modulo 2**64, so adding one to an index still lands on the neighbour.
     offsets = _ring_offsets(wp).astype(np.uint64)
     one = np.uint64(1)
-    row = np.uint64(wp)
     label = np.empty((h + 2) * wp, np.uint64)  # component id of a visited pixel (its root then)
     parent = np.empty(n + 1, np.uint64)  # union-find over component ids
     x0 = np.empty(n + 1, np.int64)
@@ -316,12 +337,13 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads
         end = k + np.uint64(hist[v])
         while k < end:
             q = np.uint64(order[k])
+            yx = np.int64(where[k])
             k += one
             m = np.uint64(masks[q])
-            ng = groups[m, 0]
-            yp = q // row
-            y = np.int64(yp) - 1
-            x = np.int64(q - yp * row) - 1
+            step = steps[m]
+            ng = step & 7
+            y = yx >> 16
+            x = yx & 0xFFFF
             if ng == 0:  # a new component
                 r = ids
                 ids += one
@@ -336,7 +358,7 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads
                 slot[r] = count
                 count += one
             else:
-                r = label[q + offsets[groups[m, 1]]]
+                r = label[q + offsets[step >> 3]]
                 while parent[r] != r:
                     r = parent[r]
                 if ng > 1:
@@ -364,12 +386,14 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads
                     x0[r] = x
                 if x > x1[r]:
                     x1[r] = x
-                if y < y0[r]:
-                    y0[r] = y
+                if y <= y0[r]:  # the first pixel is in the top row
+                    if y < y0[r]:
+                        y0[r] = y
+                        first[r] = np.int64(q)
+                    elif np.int64(q) < first[r]:
+                        first[r] = np.int64(q)
                 if y > y1[r]:
                     y1[r] = y
-                if np.int64(q) < first[r]:
-                    first[r] = np.int64(q)
             if r != current:
                 packed[current] += pending
                 pending = 0
@@ -383,12 +407,8 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads
         pending = 0
         alive = live[:np.int64(count)]
         best[t], status[t] = _decide(alive, x0, y0, x1, y1, first, packed, gt, cuts, multi, w, h)
-        if record:
-            if kept + len(alive) > records.shape[0]:
-                grown = np.empty((2 * (kept + len(alive)), 8), np.int64)
-                grown[:kept] = records[:kept]
-                records = grown
-            for r in alive:
+        for r in alive:
+            if kept < records.shape[0]:
                 f = first[r]
                 records[kept, 0] = t
                 records[kept, 1] = x0[r]
@@ -398,8 +418,8 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, multi, groups, quads
                 records[kept, 5] = packed[r] & 0xFFFFFFFF
                 records[kept, 6] = packed[r] >> 32
                 records[kept, 7] = (f // wp - 1) * w + f % wp - 1
-                kept += 1
-    return best, status, records[:kept]
+            kept += 1
+    return best, status, kept
 
 
 @njit(cache=True)
@@ -468,7 +488,7 @@ def _decide(live, x0, y0, x1, y1, first, packed, gt, cuts, multi, w, h):
 
 
 @njit(cache=True)
-def hole_levels(order, hist, masks, shape, need, gt, groups, record):
+def hole_levels(order, where, hist, masks, shape, need, gt, groups, steps, records):
     """Per threshold t with ``need[t]``: the best IoU of the hole contours' boxes (-1 if none).
 
     Holes of ``{u > t}`` are the 4-connected components of ``{u <= t}`` that do not reach the image
@@ -476,23 +496,22 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, record):
     its contour, ``(x0 - 1, y0 - 1, min(x1 + 2, W - 1), min(y1 + 2, H - 1))``.
 
     Args:
-        order, hist: :func:`sort_by_value` of the map (visited here from the end).
+        order, where, hist: :func:`sort_by_value` of the map (visited here from the end).
         masks: :func:`earlier_masks` of the map, ``descending=False``.
         shape: ``(H, W)``.
         need: bool ``[256]``.
         gt: int64 ``[G, 4]`` ground-truth boxes.
-        groups: :data:`GROUPS4`.
-        record: also return every hole at every needed threshold (for tests).
+        groups, steps: :data:`GROUPS4` and :data:`STEPS4`.
+        records: int64 ``[R, 5]`` array that receives, for tests, every hole at every needed
+            threshold as rows ``(t, x0, y0, x1, y1)`` (its pixel bounding box) up to its capacity.
 
     Returns:
-        ``best`` float64 ``[256]`` and the records, int64 ``[R, 5]`` rows ``(t, x0, y0, x1, y1)``
-        of the holes' pixel bounding boxes (empty unless ``record``).
+        ``best`` float64 ``[256]`` and how many holes there were to record.
     """
     h, w = shape
     wp = w + 2
     n = h * w
     best = np.full(LEVELS, -1.0)
-    records = np.empty((64 if record else 0, 5), np.int64)
     kept = 0
     highest = -1
     for t in range(LEVELS - 1, -1, -1):
@@ -500,10 +519,9 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, record):
             highest = t
             break
     if highest < 0:
-        return best, records
+        return best, kept
     offsets = _ring_offsets(wp).astype(np.uint64)
     one = np.uint64(1)
-    row = np.uint64(wp)
     label = np.empty((h + 2) * wp, np.uint64)
     parent = np.empty(n, np.uint64)
     x0 = np.empty(n, np.int64)
@@ -521,11 +539,12 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, record):
         while k > end:
             k -= 1
             q = np.uint64(order[k])
+            yx = np.int64(where[k])
             m = np.uint64(masks[q])
-            ng = groups[m, 0]
-            yp = q // row
-            y = np.int64(yp) - 1
-            x = np.int64(q - yp * row) - 1
+            step = steps[m]
+            ng = step & 7
+            y = yx >> 16
+            x = yx & 0xFFFF
             edge = x == 0 or y == 0 or x == w - 1 or y == h - 1
             if ng == 0:
                 r = ids
@@ -540,7 +559,7 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, record):
                 slot[r] = count
                 count += one
             else:
-                r = label[q + offsets[groups[m, 1]]]
+                r = label[q + offsets[step >> 3]]
                 while parent[r] != r:
                     r = parent[r]
                 for g in range(1, ng):
@@ -580,67 +599,51 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, record):
             iou = _iou(x0[r] - 1, y0[r] - 1, min(x1[r] + 2, w - 1), min(y1[r] + 2, h - 1), gt)
             if iou > top:
                 top = iou
-            if record:
-                if kept == records.shape[0]:
-                    grown = np.empty((2 * kept, 5), np.int64)
-                    grown[:kept] = records[:kept]
-                    records = grown
+            if kept < records.shape[0]:
                 records[kept, 0] = v
                 records[kept, 1] = x0[r]
                 records[kept, 2] = y0[r]
                 records[kept, 3] = x1[r]
                 records[kept, 4] = y1[r]
-                kept += 1
+            kept += 1
         best[v] = top
-    return best, records[:kept]
+    return best, kept
 
 
 @njit(cache=True)
-def box_levels(u, taus, gt, cuts, multi, groups8, groups4, quads):
-    """The protocol's per-threshold answers of one map, except thresholds left to tracing.
-
-    Args:
-        u: uint8 ``[H, W]`` map (C-contiguous).
-        taus: float64 CAM thresholds; the binary image of tau is ``u > int(tau * max(u))``.
-        gt: int64 ``[G, 4]`` ground-truth boxes.
-        cuts: float64 IoU cuts (T / 100).
-        multi: MaxBoxAccV2's every-contour rule instead of MaxBoxAcc's largest contour.
-        groups8, groups4, quads: :data:`GROUPS8`, :data:`GROUPS4`, :data:`QUADS`.
+def needed_levels(u, taus):
+    """The integer threshold of each CAM threshold, and which of them the passes must decide.
 
     Returns:
-        ``correct`` bool ``[len(cuts), len(taus)]`` (columns of traced thresholds unset), the
-        integer thresholds to trace (int64), and counts ``[distinct, empty, holes, traced]``.
+        ``levels`` int64 (``int(tau * max(u))``, truncated toward zero and clipped to [-1, 255]),
+        ``need`` bool ``[256]`` (the levels with a non-empty foreground: ``0 <= t < max``) and
+        ``max(u)``.
     """
-    h, w = u.shape
     umax = 0
-    for y in range(h):
-        for x in range(w):
-            umax = max(umax, np.int64(u[y, x]))
+    for value in u.ravel():
+        umax = max(umax, np.int64(value))
     levels = np.empty(len(taus), np.int64)
     need = np.zeros(LEVELS, np.bool_)
-    seen = np.zeros(LEVELS + 1, np.bool_)  # index t + 1 for t in [-1, 255]
     for j in range(len(taus)):
-        t = np.int64(taus[j] * np.float64(umax))  # int(tau * max): truncation toward zero
-        t = min(max(t, -1), LEVELS - 1)
+        t = min(max(np.int64(taus[j] * np.float64(umax)), -1), LEVELS - 1)
         levels[j] = t
-        seen[t + 1] = True
         if 0 <= t < umax:
             need[t] = True
-    masks = earlier_masks(u, True)
-    order, hist = sort_by_value(u)
-    best, status, _ = outer_levels(order, hist, masks, (h, w), need, gt, cuts, multi, groups8, quads, False)
-    holes = need & (status == HOLES)
-    n_holes = holes.sum()
-    if n_holes > 0:
-        hole_best, _ = hole_levels(order, hist, earlier_masks(u, False), (h, w), holes, gt, groups4, False)
-        for t in range(LEVELS):
-            if holes[t] and hole_best[t] > best[t]:
-                best[t] = hole_best[t]
-    # t < 0 keeps every pixel: one component, the whole image; t >= max keeps none: (0, 0, 0, 0)
+    return levels, need, umax
+
+
+@njit(cache=True)
+def answers(levels, best, status, umax, shape, gt, cuts):
+    """``[len(cuts), len(levels)]`` booleans ``iou >= cut`` per CAM threshold (traced ones unset).
+
+    ``t < 0`` keeps every pixel (one component: the whole image); ``t >= max`` keeps none, the
+    protocol's box ``(0, 0, 0, 0)``.
+    """
+    h, w = shape
     whole = _iou(0, 0, w - 1, h - 1, gt)
     empty = _iou(0, 0, 0, 0, gt)
-    correct = np.zeros((len(cuts), len(taus)), np.bool_)
-    for j in range(len(taus)):
+    correct = np.zeros((len(cuts), len(levels)), np.bool_)
+    for j in range(len(levels)):
         t = levels[j]
         if t < 0:
             iou = whole
@@ -652,7 +655,4 @@ def box_levels(u, taus, gt, cuts, multi, groups8, groups4, quads):
             iou = best[t]
         for c in range(len(cuts)):
             correct[c, j] = iou >= cuts[c]
-    traced = np.flatnonzero(need & (status == TRACE))
-    distinct = seen.sum()
-    n_empty = seen[1 + umax:].sum()
-    return correct, traced, np.array([distinct, n_empty, n_holes, len(traced)], np.int64)
+    return correct
