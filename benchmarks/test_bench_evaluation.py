@@ -9,6 +9,7 @@ ground-truth boxes of 150 CUB test and 150 ILSVRC val images, a quarter of them 
 
 from __future__ import annotations
 
+import os
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -20,7 +21,8 @@ from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-META = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wsol-metadata"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+META = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED)) / "wsol-metadata"
 PER_DATASET = 150
 
 

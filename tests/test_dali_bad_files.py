@@ -31,7 +31,8 @@ from mmcam_fast.errors import DataError
 pytestmark = [pytest.mark.dali,
               pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")]
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
 TINY = DATA / "tiny-imagenet-5" / "train" / "n01443537" / "images"
 PHOTO = DATA / "fruit-voc" / "train" / "apple_1.jpg"
 LARGEST = DATA / "fruit-voc" / "train" / "banana_57.jpg"  # 2569 x 4605

@@ -10,6 +10,7 @@ column, where PIL renormalizes the part of the filter inside the image and DALI 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ from mmcam_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transfo
 pytestmark = [pytest.mark.dali,
               pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")]
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
 # The bound, in 8-bit levels (README): one level away from the border; on downscaling, the outermost
 # row and column of the resized image (measured at most 26 levels on these images); and on average.
 INTERIOR_LEVELS = 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,8 @@ from mmcam_fast.data.metadata import write_metadata
 from mmcam_fast.data.prepare import prepare_voc
 from mmcam_fast.errors import ConfigError, DataError
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
 WSOL = DATA / "wsol-metadata"
 SYNTHETIC = {"num_classes": 4, "train_per_class": 10, "val_per_class": 2, "test_per_class": 2, "size": 32}
 

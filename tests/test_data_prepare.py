@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,8 @@ from mmcam_fast.data.prepare import (
 )
 from mmcam_fast.errors import DataError
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
 TINY, FRUIT = DATA / "tiny-imagenet-5", DATA / "fruit-voc"
 
 

@@ -13,7 +13,8 @@ from mmcam_fast.evaluate import main
 from mmcam_fast.evaluation import BoxEvaluator, MaskEvaluator, gt_boxes_224, save_scoremaps
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
 META = DATA / "wsol-metadata"
 SAMPLE_MASKS = META / "openimages-sample" / "test_masks"
 

@@ -13,7 +13,8 @@ from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import MaskEvaluator, load_gt_mask, pxap_from_histograms
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
 META = DATA / "wsol-metadata"
 SAMPLE_MASKS = META / "openimages-sample" / "test_masks"
 IMPLS = ["reference", "fast"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import pytest
 from mmcam_fast.data.metadata import load_metadata, write_metadata
 from mmcam_fast.errors import DataError
 
-META = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wsol-metadata"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+META = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED)) / "wsol-metadata"
 
 # (folder, images, classes, boxes or mask lines) counted independently with wc / sort | uniq.
 REAL = [
