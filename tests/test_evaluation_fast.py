@@ -1,6 +1,14 @@
-"""The fast box evaluator against the reference, count for count, and the facts it relies on."""
+"""The fast box evaluator against the reference, count for count, and the facts its tracing relies on.
 
-import os
+Maps of every kind go through both implementations: smooth multi-blob CAMs (bicubic from 7x7,
+14x14, 28x28, min-max), the same with strong noise (many tiny components and holes), rings,
+checkerboards, white noise, all-zero, constant, a single pixel, blobs cut by the border, maps
+with few distinct values (ties), and ring-plus-square scenes built so that the largest contour is
+only known by tracing. The per-threshold booleans must be identical, with one contour and with
+all contours, at intervals 0.01 and 0.001, and each way of deciding a threshold (union-find only,
+hole pass, tracing) must be exercised.
+"""
+
 from pathlib import Path
 
 import cv2
@@ -14,49 +22,119 @@ from mmcam_fast.evaluation.box_reference import box_correct_reference
 from mmcam_fast.evaluation.level_sets import foreground_bbox
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 META = DATA / "wsol-metadata"
 TAUS_100 = np.arange(0, 1, 0.01)
 TAUS_1000 = np.arange(0, 1, 0.001)
 IOUS = [30, 50, 70]
+SIZE = 224
+
+
+def min_max(m):
+    m = np.asarray(m, dtype=np.float64)
+    span = m.max() - m.min()
+    return (m - m.min()) / span if span > 0 else np.zeros_like(m)
+
+
+def smooth_cam(rng, noise=0.0):
+    """A CAM as real backbones give it: blobs on a small grid, bicubic to 224, min-max."""
+    size = int(rng.choice([7, 14, 28]))
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    cam = rng.normal(0, 0.03, (size, size))
+    for _ in range(int(rng.integers(1, 5))):
+        cx, cy = rng.uniform(-1, size + 1, 2)  # some blobs are cut by the border
+        sx, sy = rng.uniform(0.4, size / 3, 2)
+        blob = np.exp(-(xx - cx) ** 2 / (2 * sx ** 2) - (yy - cy) ** 2 / (2 * sy ** 2))
+        cam += rng.uniform(0.3, 1.0) * blob
+    cam += noise * rng.random((size, size))
+    return min_max(cv2.resize(cam, (SIZE, SIZE), interpolation=cv2.INTER_CUBIC))
+
+
+def rings(rng):
+    """Concentric and separate rings of different widths and heights, some on the border."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    m = np.zeros((SIZE, SIZE))
+    for _ in range(int(rng.integers(1, 4))):
+        cx, cy = rng.uniform(0, SIZE, 2)
+        radius, width = rng.uniform(5, 90), rng.uniform(1, 12)
+        d = np.hypot(xx - cx, yy - cy)
+        m = np.maximum(m, rng.uniform(0.3, 1) * np.clip(1 - np.abs(d - radius) / width, 0, 1))
+    return m
+
+
+def checkerboard(rng):
+    block = int(rng.choice([1, 2, 3, 7]))
+    board = (np.indices((SIZE, SIZE)) // block).sum(axis=0) % 2
+    return board * rng.uniform(0.2, 1.0, (SIZE, SIZE)) ** 0.2
+
+
+def ring_and_square(rng):
+    """A ring (a component with a hole: area only bounded) beside a solid square of similar area.
+
+    With one contour the protocol keeps whichever has the larger contour area; the union-find
+    cannot tell from its data, so these thresholds are traced.
+    """
+    m = np.zeros((SIZE, SIZE))
+    side = int(rng.integers(30, 60))
+    x, y = int(rng.integers(0, 40)), int(rng.integers(0, 100))
+    m[y:y + side, x:x + side] = 1.0
+    m[y + 3:y + side - 3, x + 3:x + side - 3] = 0.0  # ring of width 3
+    inner = int(side * rng.uniform(0.5, 0.75))
+    x2 = 120 + int(rng.integers(0, 40))
+    m[y:y + inner, x2:x2 + inner] = rng.uniform(0.6, 1.0)
+    return m
+
+
+def special_maps(rng):
+    maps = []
+    maps.extend(np.round(smooth_cam(rng) * 4) / 4 for _ in range(3))  # few values: many ties
+    for _ in range(3):  # equal 2x2 squares (area 1 each): ties for the largest contour
+        m = np.zeros((SIZE, SIZE))
+        for x, y in rng.integers(0, 222, (40, 2)):
+            m[y:y + 2, x:x + 2] = rng.choice([0.5, 1.0])
+        maps.append(m)
+    for _ in range(2):  # isolated pixels and lines only: every contour has area 0
+        m = np.zeros((SIZE, SIZE))
+        m[rng.integers(0, SIZE, 150), rng.integers(0, SIZE, 150)] = rng.random(150)
+        maps.append(m)
+    maps.extend(rings(rng) for _ in range(4))
+    maps.extend(checkerboard(rng) for _ in range(3))
+    maps.append(rng.random((SIZE, SIZE)))  # white noise: thousands of components and holes
+    maps.extend(smooth_cam(rng) * 0.3 for _ in range(2))  # max 0.3: cuts int(tau * 76)
+    maps.extend(ring_and_square(rng) for _ in range(4))
+    single = np.zeros((SIZE, SIZE))
+    single[int(rng.integers(0, SIZE)), int(rng.integers(0, SIZE))] = 1.0
+    corner = np.zeros((SIZE, SIZE))
+    corner[0, SIZE - 1] = 1.0
+    maps.extend([single, corner, np.zeros((SIZE, SIZE)), np.ones((SIZE, SIZE)), np.full((SIZE, SIZE), 0.5)])
+    return [np.asarray(m, dtype=np.float64) for m in maps]
 
 
 def random_boxes(rng, n):
     boxes = []
     for _ in range(n):
         x0, y0 = rng.integers(0, 200, 2)
-        w, h = rng.integers(4, 224 - max(x0, y0), 2)
+        w, h = rng.integers(4, SIZE - max(x0, y0), 2)
         extra = [] if rng.random() < 0.7 else [(0, 0, int(rng.integers(1, 60)), int(rng.integers(1, 60)))]
         boxes.append([(int(x0), int(y0), int(min(x0 + w, 223)), int(min(y0 + h, 223))), *extra])
     return boxes
 
 
-def special_maps(rng):
-    """Maps that stress the corner cases: few levels, ties of equal tiny contours, low maxima."""
-    maps = []
-    quantized = np.round(realistic_scoremaps(4, seed=11) * 4) / 4  # 5 values: many equal images
-    maps.extend(quantized)
-    for _ in range(4):  # many equal 2x2 squares (area 1 each): ties for the largest contour
-        m = np.zeros((224, 224))
-        for x, y in rng.integers(0, 222, (40, 2)):
-            m[y:y + 2, x:x + 2] = rng.choice([0.5, 1.0])
-        maps.append(m)
-    for _ in range(4):  # isolated pixels and lines only: every contour has area 0
-        m = np.zeros((224, 224))
-        m[rng.integers(0, 224, 150), rng.integers(0, 224, 150)] = rng.random(150)
-        maps.append(m)
-    maps.extend(realistic_scoremaps(4, seed=12) * 0.3)  # max 0.3: cuts int(tau * 76)
-    maps.append(np.zeros((224, 224)))
-    maps.append(np.ones((224, 224)))
-    return [np.asarray(m, dtype=np.float64) for m in maps]
+def boxes_on(scoremap, rng):
+    """A ground-truth box on the map's main blob (so that high IoUs occur), sometimes two."""
+    ys, xs = np.nonzero(scoremap > scoremap.max() * rng.uniform(0.2, 0.6)) if scoremap.max() > 0 else ([], [])
+    if len(xs) == 0:
+        return random_boxes(rng, 1)[0]
+    box = (int(xs.min()), int(ys.min()), int(min(xs.max() + rng.integers(0, 3), 223)),
+           int(min(ys.max() + rng.integers(0, 3), 223)))
+    return [box] if rng.random() < 0.7 else [box, random_boxes(rng, 1)[0][0]]
 
 
-def assert_same(scoremaps, boxes, taus, multi):
+def assert_same(scoremaps, boxes, taus, multi, stats=None):
     for i, (scoremap, gt) in enumerate(zip(scoremaps, boxes, strict=True)):
         scoremap = np.asarray(scoremap, dtype=np.float64)
         expected = box_correct_reference(scoremap, gt, taus, IOUS, multi)
-        got = box_correct_fast(scoremap, gt, taus, IOUS, multi)
+        got = box_correct_fast(scoremap, gt, taus, IOUS, multi, stats)
         if not np.array_equal(expected, got):
             bad = np.argwhere(expected != got)[:5].tolist()
             pytest.fail(f"map {i} (multi={multi}): fast differs from reference at [iou, tau] {bad}")
@@ -65,25 +143,34 @@ def assert_same(scoremaps, boxes, taus, multi):
 @pytest.mark.parametrize("multi", [False, True])
 def test_fast_equals_reference_on_random_maps(multi):
     rng = np.random.default_rng(0)
-    maps = list(realistic_scoremaps(130, seed=1))  # a quarter with strong noise: many tiny blobs
+    maps = [smooth_cam(rng) for _ in range(60)]
+    maps += [smooth_cam(rng, noise=rng.uniform(0.3, 1.0)) for _ in range(30)]  # many tiny blobs and holes
     maps += special_maps(rng)
-    assert_same(maps, random_boxes(rng, len(maps)), TAUS_100, multi)
+    boxes = [boxes_on(m, rng) if k % 3 else random_boxes(rng, 1)[0] for k, m in enumerate(maps)]
+    stats = {}
+    assert_same(maps, boxes, TAUS_100, multi, stats)
+    # every way of deciding a threshold was taken
+    assert stats["empty"] > 0
+    if multi:
+        assert stats["holes"] > 0
+    else:
+        assert stats["traced"] > 0
 
 
 @pytest.mark.parametrize("multi", [False, True])
 def test_fast_equals_reference_at_1000_thresholds(multi):
     rng = np.random.default_rng(1)
-    maps = list(realistic_scoremaps(10, seed=2, noisy_fraction=0.5))
-    assert_same(maps, random_boxes(rng, len(maps)), TAUS_1000, multi)
+    maps = [smooth_cam(rng, noise=rng.uniform(0, 0.6)) for _ in range(8)] + [ring_and_square(rng), rings(rng)]
+    assert_same(maps, [boxes_on(m, rng) for m in maps], TAUS_1000, multi)
 
 
 @pytest.mark.parametrize(("dataset", "split", "seed"), [("CUB", "test", 3), ("ILSVRC", "val", 4)])
 def test_fast_equals_reference_on_real_boxes(dataset, split, seed):
-    # real ground truth (rescaled), maps peaking inside it; 100 images, both box modes, the
-    # evaluator's counts compared directly
+    # real ground truth (rescaled), maps from the synthetic CAM pipeline peaking inside it; both
+    # box modes, the evaluators' counts compared directly
     metadata = load_metadata(META / dataset / split)
     gt = gt_boxes_224(metadata)
-    ids = list(np.random.default_rng(seed).choice(metadata.image_ids, 100, replace=False))
+    ids = list(np.random.default_rng(seed).choice(metadata.image_ids, 60, replace=False))
     maps = realistic_scoremaps(len(ids), seed=seed, gt_boxes=[gt[i] for i in ids])
     for multi in (False, True):
         evaluators = [BoxEvaluator(gt, multi_contour=multi, impl=impl) for impl in ("reference", "fast")]
@@ -93,21 +180,35 @@ def test_fast_equals_reference_on_real_boxes(dataset, split, seed):
         assert evaluators[0].compute() == evaluators[1].compute()
 
 
+def test_other_map_sizes_and_threshold_lists():
+    # the fast path is not tied to 224x224, nor to thresholds in [0, 1)
+    rng = np.random.default_rng(6)
+    taus = np.array([-0.2, 0.0, 0.05, 0.5, 0.93, 1.0, 1.7])
+    for h, w in ((1, 1), (1, 9), (7, 1), (13, 31), (64, 40)):
+        m = min_max(cv2.resize(rng.random((3, 3)), (w, h), interpolation=cv2.INTER_CUBIC))
+        gt = [(0, 0, max(0, w // 2), max(0, h // 2))]
+        for multi in (False, True):
+            np.testing.assert_array_equal(box_correct_fast(m, gt, taus, IOUS, multi),
+                                          box_correct_reference(m, gt, taus, IOUS, multi))
+
+
 def test_accumulate_in_worker_processes_gives_the_same_counts():
     rng = np.random.default_rng(5)
-    maps = realistic_scoremaps(24, seed=5)
+    maps = [smooth_cam(rng, noise=0.3 * (k % 2)) for k in range(16)]
     gt = {f"i{k}": b for k, b in enumerate(random_boxes(rng, len(maps)))}
     items = list(zip(gt, maps, strict=True))
     single = [BoxEvaluator(gt, iou_thresholds=[50]), BoxEvaluator(gt, multi_contour=True)]
     pooled = [BoxEvaluator(gt, iou_thresholds=[50]), BoxEvaluator(gt, multi_contour=True)]
-    assert accumulate_boxes(single, items) == 24
-    assert accumulate_boxes(pooled, items, workers=2) == 24
+    assert accumulate_boxes(single, items) == 16
+    assert accumulate_boxes(pooled, items, workers=2) == 16
     for a, b in zip(single, pooled, strict=True):
         np.testing.assert_array_equal(a.num_correct, b.num_correct)
 
 
 def test_foreground_bbox_and_cropped_contours_match_the_full_image():
-    for scoremap in realistic_scoremaps(6, seed=7, noisy_fraction=0.5):
+    # the traced thresholds are traced on the foreground's crop
+    rng = np.random.default_rng(7)
+    for scoremap in [smooth_cam(rng, noise=0.8) for _ in range(4)] + [ring_and_square(rng)]:
         u = to_uint8(scoremap)
         levels = np.arange(0, int(u.max()), 7)
         x0, y0, x1, y1 = foreground_bbox(u, levels)
@@ -139,11 +240,14 @@ def test_every_real_metadata_folder_parses():
 def test_vectorized_areas_and_boxes_equal_opencv():
     from mmcam_fast.evaluation.box_fast import _contour_boxes
 
-    for scoremap in realistic_scoremaps(4, seed=8, noisy_fraction=1.0):
+    rng = np.random.default_rng(8)
+    for scoremap in [smooth_cam(rng, noise=1.0) for _ in range(4)]:
         u = to_uint8(scoremap)
         for t in (20, 120, 220):
             contours = cv2.findContours(((u > t) * 255).astype(np.uint8), cv2.RETR_TREE,
                                         cv2.CHAIN_APPROX_SIMPLE)[0]
+            if not contours:
+                continue
             boxes, _ = _contour_boxes(list(contours), np.array([len(contours)]), True, 224, 224)
             for contour, box in zip(contours, boxes, strict=True):
                 x, y, w, h = cv2.boundingRect(contour)
@@ -156,7 +260,7 @@ def test_vectorized_areas_and_boxes_equal_opencv():
 def test_ties_of_the_largest_contour_are_broken_like_the_reference():
     # Ten equal 3x3 squares (area 4 each) and GT on one of them: the reference keeps the first
     # square in OpenCV's contour order (its box, 4x4 pixels, has IoU 9 / 16 with its square); any
-    # other choice changes the count.
+    # other choice changes the count. The fast path knows that order without tracing.
     rng = np.random.default_rng(9)
     scoremap = np.zeros((224, 224))
     grid = rng.permutation(np.mgrid[0:10, 0:10].reshape(2, -1).T)[:10] * 22 + 2
@@ -170,4 +274,6 @@ def test_ties_of_the_largest_contour_are_broken_like_the_reference():
         gt = [(x, y, x + 2, y + 2)]
         expected = box_correct_reference(scoremap, gt, [0.5], [50], False)
         assert expected[0, 0] == ((x, y) == first)
-        np.testing.assert_array_equal(box_correct_fast(scoremap, gt, [0.5], [50], False), expected)
+        stats = {}
+        np.testing.assert_array_equal(box_correct_fast(scoremap, gt, [0.5], [50], False, stats), expected)
+        assert stats["traced"] == 0
