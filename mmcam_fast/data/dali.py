@@ -129,9 +129,11 @@ class DaliLoader:
         workers: DALI's CPU threads, and its Python workers when ``parallel`` (``--workers``).
         decode_device: ``"mixed"`` (GPU) or ``"cpu"``; default: ``"mixed"`` when CUDA is available.
         parallel: read and screen the files in ``workers`` spawned processes (parallel external
-            source); default: on when ``workers > 0``. Python's per-file work in the loader's own
-            process limits small images (Tiny ImageNet: 1.5 times the throughput with 2 workers on 2
-            cores); the price is the workers' start (a fresh interpreter each, once per loader).
+            source); default: on with the GPU decoder and ``workers > 0``, where the per-file Python
+            work would otherwise hold the GIL against the training loop at thousands of images per
+            second; off for CPU decoding, where two spawned readers on a small machine compete with
+            the decoding threads for the same cores (measured: no faster on 2 cores, and 10-17 s to
+            start them, since each spawned process re-imports the main module).
         dtype: ``torch.float32``, ``torch.float16`` (both made by DALI) or ``torch.bfloat16`` (cast
             from float32 after DALI, which has no bfloat16).
         channels_last: images in channels-last memory (a ``[B, 3, C, C]`` tensor all the same).
@@ -167,7 +169,7 @@ class DaliLoader:
         self.rank, self.world_size = rank, world_size
         self.workers = workers
         self.decode_device = decode_device
-        self.parallel = workers > 0 if parallel is None else parallel
+        self.parallel = (decode_device == "mixed" and workers > 0) if parallel is None else parallel
         self.dtype = dtype
         self.channels_last = channels_last
         self.return_sizes = return_sizes
