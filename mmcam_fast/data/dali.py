@@ -132,8 +132,8 @@ class DaliLoader:
             source); default: on with the GPU decoder and ``workers > 0``, where the per-file Python
             work would otherwise hold the GIL against the training loop at thousands of images per
             second; off for CPU decoding, where two spawned readers on a small machine compete with
-            the decoding threads for the same cores (measured: no faster on 2 cores, and 10-17 s to
-            start them, since each spawned process re-imports the main module).
+            the decoding threads for the same cores (measured: no faster on 2 cores, and 1.6 to 17 s
+            to start them, since each spawned process re-imports the main module).
         dtype: ``torch.float32``, ``torch.float16`` (both made by DALI) or ``torch.bfloat16`` (cast
             from float32 after DALI, which has no bfloat16).
         channels_last: images in channels-last memory (a ``[B, 3, C, C]`` tensor all the same).
@@ -178,7 +178,6 @@ class DaliLoader:
         if batch_sampler is not None:
             self.batch_size = batch_sampler.batch_size
             self.steps_per_epoch = len(batch_sampler)
-            self._shard = None
         else:
             assert batch_size is not None
             if batch_size < 1:
@@ -188,10 +187,9 @@ class DaliLoader:
             if world_size > 1 and shuffle:
                 raise ConfigError("a sharded (world_size > 1) evaluation loader does not shuffle")
             self.batch_size = batch_size
-            self._shuffle, self._drop_last = shuffle, drop_last
+            self._shuffle = shuffle
             shard = len(range(rank, len(dataset), world_size))
             self.steps_per_epoch = shard // batch_size if drop_last else math.ceil(shard / batch_size)
-            self._shard = shard
         # The plan ring: DALI may have scheduled up to `ahead` batches past the last one it returned.
         self._ahead = prefetch + (self._source_prefetch if self.parallel else 0) + 2
         self._slots = 2 * self._ahead + 2
