@@ -70,8 +70,11 @@ def test_set_batches_arrive_in_the_sampler_order_across_epochs_breaks_and_resume
     tail = [b[2].tolist() for b in resumed]
     assert head + tail == _reference(data, 4)
     assert [b[2].tolist() for b in resumed] == _reference(data, 4)  # the next pass starts at 0
+    ring = loader._ring_file
+    assert ring is not None and ring.exists()
     loader.close()
     resumed.close()
+    assert not ring.exists()  # closing (or collecting the loader, or exiting) removes the plan ring
 
 
 def test_parallel_workers_give_the_same_batches_and_augmentations(data):

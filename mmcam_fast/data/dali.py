@@ -34,9 +34,11 @@ import logging
 import math
 import os
 import re
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -194,7 +196,8 @@ class DaliLoader:
         self._ahead = prefetch + (self._source_prefetch if self.parallel else 0) + 2
         self._slots = 2 * self._ahead + 2
         self._paths = PathTable(dataset.image_root, dataset.image_ids)
-        self._ring_file = None
+        self._ring_file: Path | None = None
+        self._ring_finalizer: weakref.finalize | None = None
         self._ring: np.ndarray | None = None
         self._pipe: Any = None
         self._plan: Iterator[_Batch] | None = None
@@ -249,19 +252,10 @@ class DaliLoader:
     def close(self) -> None:
         """Stop the pipeline (and its worker processes) and remove the plan ring."""
         self._teardown()
-        if self._ring_file is not None:
-            self._ring = None
-            try:
-                os.unlink(self._ring_file)
-            except FileNotFoundError:
-                pass
-            self._ring_file = None
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown: modules may be gone
-            pass
+        self._ring = None
+        if self._ring_finalizer is not None:
+            self._ring_finalizer()  # removes the file (once); also runs at exit if never called
+        self._ring_file = self._ring_finalizer = None
 
     # -- planning ------------------------------------------------------------------------------
 
@@ -303,6 +297,9 @@ class DaliLoader:
 
         if self._ring_file is None:
             self._ring_file = ring_path()
+            # Removed when the loader is collected or at interpreter exit, whichever comes first
+            # (``__del__`` is not guaranteed to run at exit).
+            self._ring_finalizer = weakref.finalize(self, _remove_file, self._ring_file)
         shape = (self._slots, self.batch_size, RING_FIELDS)
         self._ring = np.memmap(self._ring_file, dtype=np.int64, mode="w+", shape=shape)
         source = PlanSource(self._paths, self.dataset.labels, self._ring_file, self._slots, self.batch_size,
@@ -448,6 +445,13 @@ class DaliLoader:
             shapes = np.array(sizes.as_tensor()).reshape(-1, 3)[:count]  # [H, W, C] of the files
             result += (torch.from_numpy(np.ascontiguousarray(shapes[:, 1::-1]).astype(np.int64)),)
         return result
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _images_to_torch(images: Any, dtype: torch.dtype) -> torch.Tensor:
