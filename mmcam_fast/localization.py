@@ -52,7 +52,7 @@ def load_trained_model(path: str | Path, device: torch.device | str = "cpu"
 
 @torch.no_grad()
 def predict_scoremaps(model: CAMModel, dataset: WSOLDataset, *, device: torch.device | str = "cpu",
-                      batch_size: int = 32, workers: int = 0, classes: str = "gt",
+                      batch_size: int = 32, workers: int = 0, classes: str = "gt", loader: str = "torch",
                       ) -> Iterator[tuple[str, np.ndarray, list[int], list[float]]]:
     """Yield ``(image_id, score map [224, 224] float32, top-5 classes, top-5 probabilities)``.
 
@@ -60,15 +60,15 @@ def predict_scoremaps(model: CAMModel, dataset: WSOLDataset, *, device: torch.de
         model: the CAM model (put in eval mode here).
         dataset: an evaluation split (eval transform).
         device: where the model runs.
-        batch_size, workers: of the evaluation loader.
+        batch_size, workers, loader: of the evaluation loader (``loader``: torch, dali or auto).
         classes: ``"gt"`` for the ground-truth class's CAM (GT-known metrics), ``"top1"`` for the
             predicted class's CAM.
     """
     from mmcam_fast.data.loaders import build_loader
 
     model.eval()
-    loader, _ = build_loader(dataset, batch_size=batch_size, workers=workers)
-    for images, labels, indices in loader:
+    batches, _ = build_loader(dataset, batch_size=batch_size, workers=workers, backend=loader)
+    for images, labels, indices in batches:
         images, labels = images.to(device), labels.to(device)
         logits, features = model(images)
         probs, top = logits.float().softmax(dim=1).topk(min(TOPK, logits.shape[1]), dim=1)
@@ -80,7 +80,7 @@ def predict_scoremaps(model: CAMModel, dataset: WSOLDataset, *, device: torch.de
 
 def evaluate_localization(model: CAMModel, dataset: WSOLDataset, *, device: torch.device | str = "cpu",
                           cam_curve_interval: float = 0.01, iou_thresholds: tuple[int, ...] = (30, 50, 70),
-                          batch_size: int = 32, workers: int = 0, impl: str = "fast",
+                          batch_size: int = 32, workers: int = 0, impl: str = "fast", loader: str = "torch",
                           scoremap_root: str | Path | None = None, overlays: int = 0,
                           overlay_dir: str | Path | None = None) -> dict[str, Any]:
     """The protocol's metrics of ``model`` on ``dataset`` (percentages).
@@ -114,8 +114,9 @@ def evaluate_localization(model: CAMModel, dataset: WSOLDataset, *, device: torc
 
     def scoremaps() -> Iterator[tuple[str, np.ndarray]]:
         nonlocal top1, top5, count
-        for image_id, scoremap, top, _ in predict_scoremaps(model, dataset, device=device,
-                                                            batch_size=batch_size, workers=workers):
+        predictions = predict_scoremaps(model, dataset, device=device, batch_size=batch_size,
+                                        workers=workers, loader=loader)
+        for image_id, scoremap, top, _ in predictions:
             label = meta.labels[image_id]
             top1 += top[0] == label
             top5 += label in top

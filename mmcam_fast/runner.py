@@ -69,6 +69,13 @@ class RunResult:
                            "test": self.test_metrics})
 
 
+def eval_loader(config: TrainConfig) -> str:
+    """Validation and test read images with torchvision (the protocol's own eval transform, so the
+    numbers are the protocol's) unless ``--loader dali`` is asked for explicitly; ``auto`` means
+    DALI for training only."""
+    return "dali" if config.loader == "dali" else "torch"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -287,7 +294,7 @@ class _Run:
         is_last = epoch == config.epochs
         if data.val is not None and config.eval_every and (epoch % config.eval_every == 0 or is_last):
             if self.world.is_main:  # the others wait in the checkpoint's barrier
-                val = evaluate_localization(model, data.val, device=self.device,
+                val = evaluate_localization(model, data.val, device=self.device, loader=eval_loader(config),
                                             cam_curve_interval=config.cam_curve_interval)
                 val = {"epoch": epoch, **val}
                 progress.val_history.append(val)
@@ -309,6 +316,7 @@ class _Run:
         if data.test is None:
             return {}
         test_metrics = evaluate_localization(model, data.test, device=self.device,
+                                             loader=eval_loader(self.config),
                                              cam_curve_interval=self.config.cam_curve_interval)
         (self.run_dir / "final_metrics.json").write_text(json.dumps(
             {"test": test_metrics, "last_train": self.log.last, "val_history": self.progress.val_history,
