@@ -17,7 +17,7 @@ import pytest
 
 from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
-from mmcam_fast.evaluation.box_fast import box_correct_fast, to_uint8
+from mmcam_fast.evaluation.box_fast import box_correct_fast, box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
 from mmcam_fast.evaluation.level_sets import foreground_bbox
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
@@ -178,6 +178,22 @@ def test_fast_equals_reference_on_real_boxes(dataset, split, seed):
             accumulate_boxes([evaluator], zip(ids, maps, strict=True))
         np.testing.assert_array_equal(evaluators[0].num_correct, evaluators[1].num_correct)
         assert evaluators[0].compute() == evaluators[1].compute()
+
+
+def test_both_rules_from_one_pass_equal_the_reference():
+    # MaxBoxAcc and MaxBoxAccV2 from one pass (different IoU cuts per rule), as an evaluation of
+    # both metrics uses it
+    rng = np.random.default_rng(10)
+    maps = [smooth_cam(rng, noise=rng.uniform(0, 0.8)) for _ in range(12)]
+    maps += [ring_and_square(rng) for _ in range(3)]
+    rules = [([50], False), (IOUS, True)]
+    stats = {}
+    for scoremap in maps:
+        gt = boxes_on(scoremap, rng)
+        got = box_correct_fast_u8_rules(to_uint8(scoremap), gt, TAUS_100, rules, stats)
+        for (ious, multi), correct in zip(rules, got, strict=True):
+            np.testing.assert_array_equal(correct, box_correct_reference(scoremap, gt, TAUS_100, ious, multi))
+    assert stats["holes"] > 0 and stats["traced"] > 0
 
 
 def test_other_map_sizes_and_threshold_lists():

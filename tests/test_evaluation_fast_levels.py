@@ -125,7 +125,7 @@ def passes(u, levels):
     holes = np.empty((u.size * len(levels) + 1, 5), np.int64)
     gt = np.array([[0, 0, 3, 3]])
     _, _, n_components = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt,
-                                      np.array([0.5]), True, GROUPS8, STEPS8, QUADS, components)
+                                      np.array([0.5]), 3, GROUPS8, STEPS8, QUADS, components)
     _, n_holes = hole_levels(order, where, hist, earlier_masks(u, False), u.shape, need, gt, GROUPS4, STEPS4,
                              holes)
     assert n_components <= len(components) and n_holes <= len(holes)

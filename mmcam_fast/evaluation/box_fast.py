@@ -32,6 +32,7 @@ import numpy as np
 from mmcam_fast.evaluation.boxes import iou_matrix
 from mmcam_fast.evaluation.level_sets import foreground_bbox
 from mmcam_fast.evaluation.level_tree import (
+    DECIDED,
     GROUPS4,
     GROUPS8,
     HOLES,
@@ -78,32 +79,53 @@ def box_correct_fast_u8(u: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_th
     Returns:
         ``[len(iou_thresholds), len(cam_thresholds)]`` booleans.
     """
+    return box_correct_fast_u8_rules(u, gt_boxes, cam_thresholds, [(iou_thresholds, multi_contour)], stats)[0]
+
+
+def box_correct_fast_u8_rules(u: np.ndarray, gt_boxes: Sequence[Sequence[int]],
+                              cam_thresholds: Sequence[float], rules: Sequence[tuple[Sequence[int], bool]],
+                              stats: dict | None = None) -> list[np.ndarray]:
+    """Several rules at once (e.g. MaxBoxAcc and MaxBoxAccV2) from one pass over the map.
+
+    Args:
+        rules: ``(iou_thresholds, multi_contour)`` per rule.
+        stats: as for :func:`box_correct_fast_u8`, summed over the rules.
+
+    Returns:
+        Per rule, ``[len(iou_thresholds), len(cam_thresholds)]`` booleans, each identical to
+        :func:`box_correct_fast_u8` (and to the reference) for that rule alone.
+    """
     u = np.ascontiguousarray(u, dtype=np.uint8)
     gt = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
-    cuts = np.array([iou_threshold / 100 for iou_threshold in iou_thresholds], dtype=np.float64)
+    rule_cuts = [np.array([t / 100 for t in ious], dtype=np.float64) for ious, _ in rules]
+    modes = 0
+    for _, multi in rules:
+        modes |= 2 if multi else 1
     levels, need, umax = needed_levels(u, np.asarray(cam_thresholds, dtype=np.float64).reshape(-1))
     # the kernels are separate compiled functions called from here: one numba function calling the
     # others would be compiled again as a whole, doubling the first-call compile time
     order, where, hist = sort_by_value(u)
-    best, status, _ = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt, cuts,
-                                   bool(multi_contour), GROUPS8, STEPS8, QUADS, _NO_COMPONENTS)
-    holes = need & (status == HOLES)
+    best, status, _ = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt,
+                                   np.unique(np.concatenate(rule_cuts)), modes, GROUPS8, STEPS8, QUADS,
+                                   _NO_COMPONENTS)
+    holes = need & (status[1] == HOLES)
     n_holes = int(holes.sum())
     if n_holes:
         hole_best, _ = hole_levels(order, where, hist, earlier_masks(u, False), u.shape, holes, gt, GROUPS4,
                                    STEPS4, _NO_HOLES)
-        best = np.where(holes, np.maximum(best, hole_best), best)
-    correct = answers(levels, best, status, umax, u.shape, gt, cuts)
-    traced = np.flatnonzero(need & (status == TRACE))
+        best[1] = np.where(holes, np.maximum(best[1], hole_best), best[1])
+    traced = np.flatnonzero(need & (status[0] == TRACE))
     if len(traced):
-        for t, iou in zip(traced.tolist(), _traced_ious(u, traced, gt, multi_contour).tolist(), strict=True):
-            correct[:, levels == t] = (iou >= cuts)[:, None]
+        best[0, traced] = _traced_ious(u, traced, gt, False)
+        status[0, traced] = DECIDED
+    out = [answers(levels, best[int(multi)], status[int(multi)], umax, u.shape, gt, cuts)
+           for (_, multi), cuts in zip(rules, rule_cuts, strict=True)]
     if stats is not None:
         distinct = np.unique(levels)
         for name, value in (("distinct", len(distinct)), ("empty", int((distinct >= umax).sum())),
                             ("holes", n_holes), ("traced", len(traced))):
             stats[name] = stats.get(name, 0) + value
-    return correct
+    return out
 
 
 def _traced_ious(u: np.ndarray, traced: np.ndarray, gt: np.ndarray, multi_contour: bool) -> np.ndarray:

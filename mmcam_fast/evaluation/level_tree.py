@@ -276,7 +276,7 @@ def _band(iou, cuts):
 
 
 @njit(cache=True)
-def outer_levels(order, where, hist, masks, shape, need, gt, cuts, multi, groups, steps, quads, records):
+def outer_levels(order, where, hist, masks, shape, need, gt, cuts, modes, groups, steps, quads, records):
     """Per threshold t with ``need[t]``: the protocol's best IoU from the outer contours' boxes.
 
     Args:
@@ -285,24 +285,26 @@ def outer_levels(order, where, hist, masks, shape, need, gt, cuts, multi, groups
         shape: ``(H, W)``.
         need: bool ``[256]``: thresholds to decide (each must have a non-empty foreground).
         gt: int64 ``[G, 4]`` ground-truth boxes.
-        cuts: float64 IoU cuts (T / 100).
-        multi: every contour's box counts (MaxBoxAccV2) instead of the largest contour's.
+        cuts: float64 IoU cuts (T / 100); with both rules, every rule's cuts (a finer set of
+            bands only makes the decisions more cautious).
+        modes: 1 = MaxBoxAcc's largest contour, 2 = MaxBoxAccV2's every contour, 3 = both.
         groups, steps, quads: :data:`GROUPS8`, :data:`STEPS8` and :data:`QUADS`.
         records: int64 ``[R, 8]`` array that receives, for tests, every component at every needed
             threshold as rows ``(t, x0, y0, x1, y1, twice quad area, 4 x Euler number, first
             pixel's raster index)`` up to its capacity (``R = 0``: nothing is recorded).
 
     Returns:
-        ``best`` float64 ``[256]`` (the best IoU, meaningful where decided), ``status`` int8
-        ``[256]``: :data:`DECIDED`, :data:`TRACE` (single contour: the largest contour is not
-        determined) or :data:`HOLES` (multi contour: holes' boxes are still to be scored), and how
-        many components there were to record (more than ``R`` means some were left out).
+        ``best`` float64 ``[2, 256]`` (the best IoU, meaningful where decided; row 0 the largest
+        contour's rule, row 1 every contour's), ``status`` int8 ``[2, 256]``: :data:`DECIDED`,
+        :data:`TRACE` (the largest contour is not determined) or :data:`HOLES` (holes' boxes are
+        still to be scored), and how many components there were to record (more than ``R``
+        means some were left out).
     """
     h, w = shape
     wp = w + 2
     n = h * w
-    best = np.full(LEVELS, -1.0)
-    status = np.zeros(LEVELS, np.int8)
+    best = np.full((2, LEVELS), -1.0)
+    status = np.zeros((2, LEVELS), np.int8)
     kept = 0
     lowest = -1
     for t in range(LEVELS):
@@ -406,7 +408,10 @@ def outer_levels(order, where, hist, masks, shape, need, gt, cuts, multi, groups
         packed[current] += pending
         pending = 0
         alive = live[:np.int64(count)]
-        best[t], status[t] = _decide(alive, x0, y0, x1, y1, first, packed, gt, cuts, multi, w, h)
+        if modes & 1:
+            best[0, t], status[0, t] = _decide_single(alive, x0, y0, x1, y1, first, packed, gt, cuts, w, h)
+        if modes & 2:
+            best[1, t], status[1, t] = _decide_multi(alive, x0, y0, x1, y1, packed, gt, cuts, w, h)
         for r in alive:
             if kept < records.shape[0]:
                 f = first[r]
@@ -423,33 +428,37 @@ def outer_levels(order, where, hist, masks, shape, need, gt, cuts, multi, groups
 
 
 @njit(cache=True)
-def _decide(live, x0, y0, x1, y1, first, packed, gt, cuts, multi, w, h):
-    """One threshold's best IoU and status from its live components (see :func:`outer_levels`)."""
-    count = len(live)
-    if multi or count == 1:
-        top = -1.0
-        holey_bound = -1.0
-        for i in range(count):
-            r = live[i]
-            bx1 = min(x1[r] + 1, w - 1)
-            by1 = min(y1[r] + 1, h - 1)
-            iou = _iou(x0[r], y0[r], bx1, by1, gt)
-            if iou > top:
-                top = iou
-            if multi and (packed[r] >> 32) < 4:  # Euler number < 1: the component has holes
-                bound = _inside_bound(x0[r], y0[r], bx1, by1, gt)
-                if bound > holey_bound:
-                    holey_bound = bound
-        if multi and _band(holey_bound, cuts) > _band(top, cuts):
-            return top, HOLES
-        return top, DECIDED
-    # Single contour, several components: the largest outer contour. Twice its area is exact for a
-    # component without holes (its own quad area) and otherwise within [own quad area, twice the
-    # area of its centres' bounding box].
+def _decide_multi(live, x0, y0, x1, y1, packed, gt, cuts, w, h):
+    """MaxBoxAccV2 at one threshold: the best outer box's IoU, and whether holes may beat it."""
+    top = -1.0
+    holey_bound = -1.0
+    for r in live:
+        bx1 = min(x1[r] + 1, w - 1)
+        by1 = min(y1[r] + 1, h - 1)
+        iou = _iou(x0[r], y0[r], bx1, by1, gt)
+        if iou > top:
+            top = iou
+        if (packed[r] >> 32) < 4:  # Euler number < 1: the component has holes
+            bound = _inside_bound(x0[r], y0[r], bx1, by1, gt)
+            if bound > holey_bound:
+                holey_bound = bound
+    if _band(holey_bound, cuts) > _band(top, cuts):
+        return top, HOLES
+    return top, DECIDED
+
+
+@njit(cache=True)
+def _decide_single(live, x0, y0, x1, y1, first, packed, gt, cuts, w, h):
+    """MaxBoxAcc at one threshold: the IoU of the largest outer contour's box, if determined."""
+    if len(live) == 1:
+        r = live[0]
+        return _iou(x0[r], y0[r], min(x1[r] + 1, w - 1), min(y1[r] + 1, h - 1), gt), DECIDED
+    # Several components: the largest outer contour. Twice its area is exact for a component
+    # without holes (its own quad area) and otherwise within [own quad area, twice the area of its
+    # centres' bounding box].
     largest_low = -1
     any_holes = False
-    for i in range(count):
-        r = live[i]
+    for r in live:
         low = packed[r] & 0xFFFFFFFF
         if low > largest_low:
             largest_low = low
@@ -462,8 +471,7 @@ def _decide(live, x0, y0, x1, y1, first, packed, gt, cuts, multi, w, h):
     exact = True
     tied = 0
     chosen = -1
-    for i in range(count):
-        r = live[i]
+    for r in live:
         low = packed[r] & 0xFFFFFFFF
         high = low if (packed[r] >> 32) == 4 else 2 * (x1[r] - x0[r]) * (y1[r] - y0[r])
         if high < largest_low:
