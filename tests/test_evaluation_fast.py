@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from mmcam_fast.data.metadata import load_metadata
+from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.box_fast import box_correct_fast, box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
@@ -206,6 +207,11 @@ def test_other_map_sizes_and_threshold_lists():
         for multi in (False, True):
             np.testing.assert_array_equal(box_correct_fast(m, gt, taus, IOUS, multi),
                                           box_correct_reference(m, gt, taus, IOUS, multi))
+
+
+def test_maps_that_are_not_2d_are_refused():
+    with pytest.raises(DataError, match="2-D score map"):
+        box_correct_fast(np.zeros(5), [(0, 0, 1, 1)], TAUS_100, IOUS, False)
 
 
 def test_accumulate_in_worker_processes_gives_the_same_counts():

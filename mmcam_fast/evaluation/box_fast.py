@@ -19,7 +19,11 @@ union-find pass over the pixels that yields the contours' boxes at every thresho
    of IoU cuts, their order does not matter. Only a threshold left undecided is traced with
    ``cv2.findContours`` on the crop to the foreground's bounding box (same contours, same order
    as the whole image), its areas and boxes computed at once in numpy.
-4. IoUs use the reference's integer arithmetic and one float64 division.
+4. IoUs use the reference's integer arithmetic and one float64 division. The bound that gates the
+   hole pass: every box inside a component lies in that component's protocol box ``B+``, and
+   ``IoU(B, G) <= |B+ & G| / |G|`` holds after rounding too (rounding is monotonic).
+
+:func:`box_correct_fast_u8_rules` answers MaxBoxAcc and MaxBoxAccV2 from the same pass.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation.boxes import iou_matrix
 from mmcam_fast.evaluation.level_sets import foreground_bbox
 from mmcam_fast.evaluation.level_tree import (
@@ -48,6 +53,8 @@ from mmcam_fast.evaluation.level_tree import (
     sort_by_value,
 )
 
+# the passes keep a pixel's (y, x) as y << 16 | x in an int32
+_MAX_SIDE = 1 << 15
 # zero-capacity record arrays: the passes record nothing outside the tests
 _NO_COMPONENTS = np.empty((0, 8), np.int64)
 _NO_HOLES = np.empty((0, 5), np.int64)
@@ -96,6 +103,9 @@ def box_correct_fast_u8_rules(u: np.ndarray, gt_boxes: Sequence[Sequence[int]],
         :func:`box_correct_fast_u8` (and to the reference) for that rule alone.
     """
     u = np.ascontiguousarray(u, dtype=np.uint8)
+    if u.ndim != 2 or not 0 < max(u.shape) < _MAX_SIDE:
+        raise DataError(f"box evaluation: expected a 2-D score map with sides below {_MAX_SIDE}, "
+                        f"got shape {u.shape}")
     gt = np.asarray(gt_boxes, dtype=np.int64).reshape(-1, 4)
     rule_cuts = [np.array([t / 100 for t in ious], dtype=np.float64) for ious, _ in rules]
     modes = 0

@@ -17,8 +17,10 @@ evaluator needs from them is known without tracing, for all thresholds in one pa
   8-adjacent to each other, hence in one component, so both sums split exactly over components
   and are carried through the union-find. A component with holes encloses more than its own quads:
   its area is only bounded, between its own quad area and its centres' bounding box.
-- A hole contour never encloses more area than the outer contour of its component and comes after
-  it in OpenCV's list, so the largest contour (the first of equal areas) is always an outer one.
+- A hole contour never encloses more area than the outer contour of its component (it runs through
+  pixels of the component, all inside the region the outer contour encloses, and a traced border
+  does not cross itself) and comes after it in OpenCV's list (a parent before its children), so
+  the largest contour (the first of equal areas) is always an outer one.
   Without holes at a threshold every outer contour is at the top of the tree and OpenCV lists
   them in reverse raster order of their first pixel.
 
@@ -27,8 +29,9 @@ above ``t`` are in, the union-find holds the components of ``{u > t}``. Which ne
 already in is decided up front in one raster pass (the 8-bit "earlier neighbour" mask), and a
 lookup table says how many separate groups those neighbours form around the pixel (adjacent ring
 positions touch; so do two edge neighbours around one corner), so only a pixel that may join two
-components pays for more than one find. A component's label is the id of the first pixel that
-started it; attributes live per id.
+components pays for more than one find. Components are numbered as they start, a visited pixel
+keeps the id of its component's root at that moment, the older id survives a merge, and the
+attributes (box, first pixel, quad sums) live per id.
 
 Holes use the mirror pass: pixels in increasing value, 4-connectivity, with a flag for components
 that reach the image border.
@@ -48,8 +51,8 @@ DECIDED = 0
 TRACE = 1  # the largest contour is not determined by the union-find's data: trace this threshold
 HOLES = 2  # a hole box might reach an IoU cut that the outer boxes miss: compute the holes' boxes
 
-# Ring of the 8 neighbours, clockwise from the top-left: NW N NE E SE S SW W. Offsets (dy, dx).
-RING = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
+# The 8 neighbours are numbered around a ring, clockwise from the top-left: NW N NE E SE S SW W
+# (bit i of a mask is ring position i; see _ring_offsets). Edge neighbours are the odd positions.
 _EDGES = (1, 3, 5, 7)
 
 
@@ -131,6 +134,7 @@ STEPS4 = GROUPS4[:, 0] | (GROUPS4[:, 1] << 3)
 
 @njit(cache=True)
 def _ring_offsets(wp):
+    """Flat-index offsets of the ring positions in a padded image ``wp`` pixels wide."""
     offsets = np.empty(8, np.int64)
     offsets[0] = -wp - 1
     offsets[1] = -wp
