@@ -115,25 +115,30 @@ def box_correct_fast_u8_rules(u: np.ndarray, gt_boxes: Sequence[Sequence[int]],
     # the kernels are separate compiled functions called from here: one numba function calling the
     # others would be compiled again as a whole, doubling the first-call compile time
     order, where, hist = sort_by_value(u)
-    best, status, _ = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt,
-                                   np.unique(np.concatenate(rule_cuts)), modes, GROUPS8, STEPS8, QUADS,
-                                   _NO_COMPONENTS)
-    holes = need & (status[1] == HOLES)
-    n_holes = int(holes.sum())
-    if n_holes:
-        hole_best, _ = hole_levels(order, where, hist, earlier_masks(u, False), u.shape, holes, gt, GROUPS4,
-                                   STEPS4, _NO_HOLES)
-        best[1] = np.where(holes, np.maximum(best[1], hole_best), best[1])
-    traced = np.flatnonzero(need & (status[0] == TRACE))
-    if len(traced):
-        best[0, traced] = _traced_ious(u, traced, gt, False)
-        status[0, traced] = DECIDED
+    all_cuts = rule_cuts[0] if len(rule_cuts) == 1 else np.unique(np.concatenate(rule_cuts))
+    best, status, _ = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt, all_cuts,
+                                   modes, GROUPS8, STEPS8, QUADS, _NO_COMPONENTS)
+    n_holes = 0
+    if modes & 2:
+        holes = need & (status[1] == HOLES)
+        n_holes = int(holes.sum())
+        if n_holes:
+            hole_best, _ = hole_levels(order, where, hist, earlier_masks(u, False), u.shape, holes, gt,
+                                       GROUPS4, STEPS4, _NO_HOLES)
+            best[1] = np.where(holes, np.maximum(best[1], hole_best), best[1])
+    n_traced = 0
+    if modes & 1:
+        traced = np.flatnonzero(need & (status[0] == TRACE))
+        n_traced = len(traced)
+        if n_traced:
+            best[0, traced] = _traced_ious(u, traced, gt, False)
+            status[0, traced] = DECIDED
     out = [answers(levels, best[int(multi)], status[int(multi)], umax, u.shape, gt, cuts)
            for (_, multi), cuts in zip(rules, rule_cuts, strict=True)]
     if stats is not None:
         distinct = np.unique(levels)
         for name, value in (("distinct", len(distinct)), ("empty", int((distinct >= umax).sum())),
-                            ("holes", n_holes), ("traced", len(traced))):
+                            ("holes", n_holes), ("traced", n_traced)):
             stats[name] = stats.get(name, 0) + value
     return out
 
