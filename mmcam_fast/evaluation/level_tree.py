@@ -591,16 +591,17 @@ def hole_levels(order, where, hist, masks, shape, need, gt, groups, steps, recor
                         moved = live[count]
                         live[slot[r2]] = moved
                         slot[np.uint64(moved)] = slot[r2]
-                if x < x0[r]:
-                    x0[r] = x
-                if x > x1[r]:
-                    x1[r] = x
-                if y < y0[r]:
-                    y0[r] = y
-                if y > y1[r]:
-                    y1[r] = y
                 if edge:
                     border[r] = True
+                elif not border[r]:  # a box is only ever read for a hole, never for the border's
+                    if x < x0[r]:
+                        x0[r] = x
+                    if x > x1[r]:
+                        x1[r] = x
+                    if y < y0[r]:
+                        y0[r] = y
+                    if y > y1[r]:
+                        y1[r] = y
             label[q] = r
         if not need[v]:
             continue
