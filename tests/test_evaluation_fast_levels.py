@@ -210,3 +210,17 @@ def test_needed_levels_truncate_like_the_protocol():
     assert levels.tolist() == [max(int(tau * np.max(u)), -1) if tau < 1 else min(int(tau * 255), 255)
                                for tau in taus]
     assert np.flatnonzero(need).tolist() == sorted({t for t in levels.tolist() if 0 <= t < 255})
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (4, 4), (7, 2), (13, 9), (224, 224)])
+def test_sort_by_value_is_decreasing_value_then_raster_order(shape):
+    rng = np.random.default_rng(3)
+    u = rng.integers(0, 256, shape).astype(np.uint8)
+    u[:, : shape[1] // 2] //= 16  # runs of equal values
+    order, where, hist = sort_by_value(u)
+    h, w = shape
+    expected = np.lexsort((np.arange(h * w), -u.ravel().astype(np.int64)))  # by value desc, then raster
+    ys, xs = np.divmod(expected, w)
+    np.testing.assert_array_equal(order, (ys + 1) * (w + 2) + xs + 1)
+    np.testing.assert_array_equal(where, (ys << 16) | xs)
+    np.testing.assert_array_equal(hist, np.bincount(u.ravel(), minlength=256))

@@ -191,52 +191,53 @@ def sort_by_value(u):
     """
     h, w = u.shape
     wp = w + 2
-    # Four bands of rows, each with its own histogram and write cursors: runs of equal values
-    # would otherwise serialize on one counter. Band j's pixels go after band j - 1's within each
-    # value, which keeps raster order among equal values.
-    bands = 4
-    bounds = np.empty(bands + 1, np.int64)
-    for j in range(bands + 1):
-        bounds[j] = j * h // bands
-    counts = np.zeros((bands, LEVELS), np.int64)
-    for j in range(bands):
-        for y in range(bounds[j], bounds[j + 1]):
-            for x in range(w):
-                counts[j, u[y, x]] += 1
-    cursor = np.empty((bands, LEVELS), np.int64)
+    # Four bands of rows advance pixel by pixel together, each with its own histogram and write
+    # cursors: neighbouring pixels mostly share a value, and one counter per value would
+    # serialize them. Band j's pixels go after band j - 1's within each value, which keeps raster
+    # order among equal values. Rows left over (h not a multiple of 4) belong to the last band.
+    rows = h // 4
+    counts = np.zeros((4, LEVELS), np.int64)
+    for i in range(rows):
+        a = u[i]
+        b = u[i + rows]
+        c = u[i + 2 * rows]
+        d = u[i + 3 * rows]
+        for x in range(w):
+            counts[0, a[x]] += 1
+            counts[1, b[x]] += 1
+            counts[2, c[x]] += 1
+            counts[3, d[x]] += 1
+    for y in range(4 * rows, h):
+        for x in range(w):
+            counts[3, u[y, x]] += 1
+    cursor = np.empty((4, LEVELS), np.int64)
     hist = np.empty(LEVELS, np.int64)
     start = 0
     for v in range(LEVELS - 1, -1, -1):
         total = 0
-        for j in range(bands):
+        for j in range(4):
             cursor[j, v] = start + total
             total += counts[j, v]
         hist[v] = total
         start += total
     order = np.empty(h * w, np.int32)
     where = np.empty(h * w, np.int32)
-    rows = bounds[1] - bounds[0]
-    for i in range(rows):  # the bands advance together, interleaving their writes
-        for j in range(bands):
-            y = bounds[j] + i
-            if y >= bounds[j + 1]:
-                continue
-            base = (y + 1) * wp + 1
-            for x in range(w):
+    for i in range(rows):
+        for x in range(w):
+            for j in range(4):
+                y = i + j * rows
                 v = u[y, x]
-                c = cursor[j, v]
-                order[c] = base + x
-                where[c] = (y << 16) | x
-                cursor[j, v] = c + 1
-    for j in range(bands):  # rows left over when the bands differ in height
-        for y in range(bounds[j] + rows, bounds[j + 1]):
-            base = (y + 1) * wp + 1
-            for x in range(w):
-                v = u[y, x]
-                c = cursor[j, v]
-                order[c] = base + x
-                where[c] = (y << 16) | x
-                cursor[j, v] = c + 1
+                k = cursor[j, v]
+                order[k] = (y + 1) * wp + 1 + x
+                where[k] = (y << 16) | x
+                cursor[j, v] = k + 1
+    for y in range(4 * rows, h):
+        for x in range(w):
+            v = u[y, x]
+            k = cursor[3, v]
+            order[k] = (y + 1) * wp + 1 + x
+            where[k] = (y << 16) | x
+            cursor[3, v] = k + 1
     return order, where, hist
 
 
