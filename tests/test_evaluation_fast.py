@@ -9,6 +9,7 @@ all contours, at intervals 0.01 and 0.001, and each way of deciding a threshold 
 hole pass, tracing) must be exercised.
 """
 
+import os
 from pathlib import Path
 
 import cv2
@@ -23,7 +24,8 @@ from mmcam_fast.evaluation.box_reference import box_correct_reference
 from mmcam_fast.evaluation.level_sets import foreground_bbox
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
 META = DATA / "wsol-metadata"
 TAUS_100 = np.arange(0, 1, 0.01)
 TAUS_1000 = np.arange(0, 1, 0.001)
