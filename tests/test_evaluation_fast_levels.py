@@ -19,6 +19,7 @@ from mmcam_fast.evaluation.level_tree import (
     QUADS,
     STEPS4,
     STEPS8,
+    _row_divisor,
     earlier_masks,
     hole_levels,
     needed_levels,
@@ -120,13 +121,13 @@ def passes(u, levels):
     """Records of both passes at ``levels``: components and holes per threshold."""
     need = np.zeros(256, bool)
     need[levels] = True
-    order, where, hist = sort_by_value(u)
+    order, hist = sort_by_value(u)
     components = np.empty((u.size * len(levels) + 1, 8), np.int64)
     holes = np.empty((u.size * len(levels) + 1, 5), np.int64)
     gt = np.array([[0, 0, 3, 3]])
-    _, _, n_components = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt,
+    _, _, n_components = outer_levels(order, hist, earlier_masks(u, True), u.shape, need, gt,
                                       np.array([0.5]), 3, GROUPS8, STEPS8, QUADS, components)
-    _, n_holes = hole_levels(order, where, hist, earlier_masks(u, False), u.shape, need, gt, GROUPS4, STEPS4,
+    _, n_holes = hole_levels(order, hist, earlier_masks(u, False), u.shape, need, gt, GROUPS4, STEPS4,
                              holes)
     assert n_components <= len(components) and n_holes <= len(holes)
     return components[:n_components], holes[:n_holes]
@@ -217,10 +218,19 @@ def test_sort_by_value_is_decreasing_value_then_raster_order(shape):
     rng = np.random.default_rng(3)
     u = rng.integers(0, 256, shape).astype(np.uint8)
     u[:, : shape[1] // 2] //= 16  # runs of equal values
-    order, where, hist = sort_by_value(u)
+    order, hist = sort_by_value(u)
     h, w = shape
     expected = np.lexsort((np.arange(h * w), -u.ravel().astype(np.int64)))  # by value desc, then raster
     ys, xs = np.divmod(expected, w)
     np.testing.assert_array_equal(order, (ys + 1) * (w + 2) + xs + 1)
-    np.testing.assert_array_equal(where, (ys << 16) | xs)
     np.testing.assert_array_equal(hist, np.bincount(u.ravel(), minlength=256))
+
+
+@pytest.mark.parametrize("padded_width", [3, 4, 7, 226, 1000, 4097])
+def test_row_divisor_is_exact_up_to_the_largest_map(padded_width):
+    # the passes find a pixel's row with a multiply and a shift; maps have sides below 4096
+    width, magic, shift = (int(v) for v in _row_divisor(padded_width))
+    last = 4097 * padded_width  # past the last padded index of the tallest map
+    q = np.unique(np.concatenate([np.arange(0, last, 7919), np.arange(last - 5000, last)])).astype(np.uint64)
+    rows = (q * np.uint64(magic)) >> np.uint64(shift)
+    np.testing.assert_array_equal(rows, q // np.uint64(width))

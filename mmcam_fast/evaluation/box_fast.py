@@ -53,8 +53,9 @@ from mmcam_fast.evaluation.level_tree import (
     sort_by_value,
 )
 
-# the passes keep a pixel's (y, x) as y << 16 | x in an int32
-_MAX_SIDE = 1 << 15
+# the passes divide a padded index by the padded width with a multiply and shift (exact below 2**40
+# for index x width; level_tree._row_divisor)
+_MAX_SIDE = 4096
 # zero-capacity record arrays: the passes record nothing outside the tests
 _NO_COMPONENTS = np.empty((0, 8), np.int64)
 _NO_HOLES = np.empty((0, 5), np.int64)
@@ -114,16 +115,16 @@ def box_correct_fast_u8_rules(u: np.ndarray, gt_boxes: Sequence[Sequence[int]],
     levels, need, umax = needed_levels(u, np.asarray(cam_thresholds, dtype=np.float64).reshape(-1))
     # the kernels are separate compiled functions called from here: one numba function calling the
     # others would be compiled again as a whole, doubling the first-call compile time
-    order, where, hist = sort_by_value(u)
+    order, hist = sort_by_value(u)
     all_cuts = rule_cuts[0] if len(rule_cuts) == 1 else np.unique(np.concatenate(rule_cuts))
-    best, status, _ = outer_levels(order, where, hist, earlier_masks(u, True), u.shape, need, gt, all_cuts,
+    best, status, _ = outer_levels(order, hist, earlier_masks(u, True), u.shape, need, gt, all_cuts,
                                    modes, GROUPS8, STEPS8, QUADS, _NO_COMPONENTS)
     n_holes = 0
     if modes & 2:
         holes = need & (status[1] == HOLES)
         n_holes = int(holes.sum())
         if n_holes:
-            hole_best, _ = hole_levels(order, where, hist, earlier_masks(u, False), u.shape, holes, gt,
+            hole_best, _ = hole_levels(order, hist, earlier_masks(u, False), u.shape, holes, gt,
                                        GROUPS4, STEPS4, _NO_HOLES)
             best[1] = np.where(holes, np.maximum(best[1], hole_best), best[1])
     n_traced = 0

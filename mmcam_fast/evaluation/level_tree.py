@@ -148,6 +148,16 @@ def _ring_offsets(wp):
 
 
 @njit(cache=True)
+def _row_divisor(wp):
+    """``q // wp`` as ``(q * magic) >> 40``: exact for ``q * wp < 2**40`` (a division per pixel is slow).
+
+    With ``magic = ceil(2**40 / wp) = 2**40 / wp + e`` (``0 <= e < 1``), ``q * magic / 2**40`` exceeds
+    ``q / wp`` by less than ``q / 2**40 < 1 / wp``, which never reaches the next integer.
+    """
+    return np.uint64(wp), np.uint64(((1 << 40) + wp - 1) // wp), np.uint64(40)
+
+
+@njit(cache=True)
 def earlier_masks(u, descending):
     """Per pixel (padded layout, one-pixel frame), which ring neighbours are visited before it.
 
@@ -186,8 +196,7 @@ def sort_by_value(u):
     """Pixels by decreasing value, raster order among equal values.
 
     Returns:
-        ``order`` (padded indices), ``where`` (``y << 16 | x`` of the same pixels, so that the
-        passes need no division) and the value histogram.
+        ``order`` (padded indices) and the value histogram.
     """
     h, w = u.shape
     wp = w + 2
@@ -221,7 +230,6 @@ def sort_by_value(u):
         hist[v] = total
         start += total
     order = np.empty(h * w, np.int32)
-    where = np.empty(h * w, np.int32)
     for i in range(rows):
         for x in range(w):
             for j in range(4):
@@ -229,16 +237,14 @@ def sort_by_value(u):
                 v = u[y, x]
                 k = cursor[j, v]
                 order[k] = (y + 1) * wp + 1 + x
-                where[k] = (y << 16) | x
                 cursor[j, v] = k + 1
     for y in range(4 * rows, h):
         for x in range(w):
             v = u[y, x]
             k = cursor[3, v]
             order[k] = (y + 1) * wp + 1 + x
-            where[k] = (y << 16) | x
             cursor[3, v] = k + 1
-    return order, where, hist
+    return order, hist
 
 
 @njit(cache=True)
@@ -281,11 +287,11 @@ def _band(iou, cuts):
 
 
 @njit(cache=True)
-def outer_levels(order, where, hist, masks, shape, need, gt, cuts, modes, groups, steps, quads, records):
+def outer_levels(order, hist, masks, shape, need, gt, cuts, modes, groups, steps, quads, records):
     """Per threshold t with ``need[t]``: the protocol's best IoU from the outer contours' boxes.
 
     Args:
-        order, where, hist: :func:`sort_by_value` of the map.
+        order, hist: :func:`sort_by_value` of the map.
         masks: :func:`earlier_masks` of the map, ``descending=True``.
         shape: ``(H, W)``.
         need: bool ``[256]``: thresholds to decide (each must have a non-empty foreground).
@@ -322,6 +328,7 @@ def outer_levels(order, where, hist, masks, shape, need, gt, cuts, modes, groups
     # Ring offsets wrap modulo 2**64, so adding one to an index still lands on the neighbour.
     offsets = _ring_offsets(wp).astype(np.uint64)
     one = np.uint64(1)
+    padded_width, magic, shift = _row_divisor(wp)
     label = np.empty((h + 2) * wp, np.uint64)  # component id of a visited pixel (its root then)
     parent = np.empty(n + 1, np.uint64)  # union-find over component ids
     x0 = np.empty(n + 1, np.int64)
@@ -344,13 +351,13 @@ def outer_levels(order, where, hist, masks, shape, need, gt, cuts, modes, groups
         end = k + np.uint64(hist[v])
         while k < end:
             q = np.uint64(order[k])
-            yx = np.int64(where[k])
             k += one
             m = np.uint64(masks[q])
             step = steps[m]
             ng = step & 7
-            y = yx >> 16
-            x = yx & 0xFFFF
+            row = (q * magic) >> shift
+            y = np.int64(row) - 1
+            x = np.int64(q - row * padded_width) - 1
             if ng == 0:  # a new component
                 r = ids
                 ids += one
@@ -501,7 +508,7 @@ def _decide_single(live, x0, y0, x1, y1, first, packed, gt, cuts, w, h):
 
 
 @njit(cache=True)
-def hole_levels(order, where, hist, masks, shape, need, gt, groups, steps, records):
+def hole_levels(order, hist, masks, shape, need, gt, groups, steps, records):
     """Per threshold t with ``need[t]``: the best IoU of the hole contours' boxes (-1 if none).
 
     Holes of ``{u > t}`` are the 4-connected components of ``{u <= t}`` that do not reach the image
@@ -509,7 +516,7 @@ def hole_levels(order, where, hist, masks, shape, need, gt, groups, steps, recor
     its contour, ``(x0 - 1, y0 - 1, min(x1 + 2, W - 1), min(y1 + 2, H - 1))``.
 
     Args:
-        order, where, hist: :func:`sort_by_value` of the map (visited here from the end).
+        order, hist: :func:`sort_by_value` of the map (visited here from the end).
         masks: :func:`earlier_masks` of the map, ``descending=False``.
         shape: ``(H, W)``.
         need: bool ``[256]``.
@@ -535,6 +542,7 @@ def hole_levels(order, where, hist, masks, shape, need, gt, groups, steps, recor
         return best, kept
     offsets = _ring_offsets(wp).astype(np.uint64)
     one = np.uint64(1)
+    padded_width, magic, shift = _row_divisor(wp)
     label = np.empty((h + 2) * wp, np.uint64)
     parent = np.empty(n, np.uint64)
     x0 = np.empty(n, np.int64)
@@ -552,12 +560,12 @@ def hole_levels(order, where, hist, masks, shape, need, gt, groups, steps, recor
         while k > end:
             k -= 1
             q = np.uint64(order[k])
-            yx = np.int64(where[k])
             m = np.uint64(masks[q])
             step = steps[m]
             ng = step & 7
-            y = yx >> 16
-            x = yx & 0xFFFF
+            row = (q * magic) >> shift
+            y = np.int64(row) - 1
+            x = np.int64(q - row * padded_width) - 1
             edge = x == 0 or y == 0 or x == w - 1 or y == h - 1
             if ng == 0:
                 r = ids
