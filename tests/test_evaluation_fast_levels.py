@@ -125,9 +125,9 @@ def passes(u, levels):
     components = np.empty((u.size * len(levels) + 1, 8), np.int64)
     holes = np.empty((u.size * len(levels) + 1, 5), np.int64)
     gt = np.array([[0, 0, 3, 3]])
-    _, _, n_components = outer_levels(order, hist, earlier_masks(u, True), u.shape, need, gt,
+    _, _, n_components = outer_levels(order, hist, earlier_masks(u), u.shape, need, gt,
                                       np.array([0.5]), 3, GROUPS8, STEPS8, QUADS, components)
-    _, n_holes = hole_levels(order, hist, earlier_masks(u, False), u.shape, need, gt, GROUPS4, STEPS4,
+    _, n_holes = hole_levels(order, hist, earlier_masks(u), u.shape, need, gt, GROUPS4, STEPS4,
                              holes)
     assert n_components <= len(components) and n_holes <= len(holes)
     return components[:n_components], holes[:n_holes]

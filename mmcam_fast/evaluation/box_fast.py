@@ -116,16 +116,16 @@ def box_correct_fast_u8_rules(u: np.ndarray, gt_boxes: Sequence[Sequence[int]],
     # the kernels are separate compiled functions called from here: one numba function calling the
     # others would be compiled again as a whole, doubling the first-call compile time
     order, hist = sort_by_value(u)
+    masks = earlier_masks(u)
     all_cuts = rule_cuts[0] if len(rule_cuts) == 1 else np.unique(np.concatenate(rule_cuts))
-    best, status, _ = outer_levels(order, hist, earlier_masks(u, True), u.shape, need, gt, all_cuts,
-                                   modes, GROUPS8, STEPS8, QUADS, _NO_COMPONENTS)
+    best, status, _ = outer_levels(order, hist, masks, u.shape, need, gt, all_cuts, modes, GROUPS8, STEPS8,
+                                   QUADS, _NO_COMPONENTS)
     n_holes = 0
     if modes & 2:
         holes = need & (status[1] == HOLES)
         n_holes = int(holes.sum())
         if n_holes:
-            hole_best, _ = hole_levels(order, hist, earlier_masks(u, False), u.shape, holes, gt,
-                                       GROUPS4, STEPS4, _NO_HOLES)
+            hole_best, _ = hole_levels(order, hist, masks, u.shape, holes, gt, GROUPS4, STEPS4, _NO_HOLES)
             best[1] = np.where(holes, np.maximum(best[1], hole_best), best[1])
     n_traced = 0
     if modes & 1:

@@ -158,16 +158,17 @@ def _row_divisor(wp):
 
 
 @njit(cache=True)
-def earlier_masks(u, descending):
-    """Per pixel (padded layout, one-pixel frame), which ring neighbours are visited before it.
+def earlier_masks(u):
+    """Per pixel (padded layout, one-pixel frame), which ring neighbours the descending pass visits first.
 
-    The visiting order is by value (decreasing if ``descending``), then raster order among equal
-    values for the decreasing pass and reverse raster order for the increasing one (the second is
-    the first reversed). Frame pixels are never visited.
+    The order is by decreasing value, raster order among equal values: a neighbour is earlier if it
+    is higher, or equal and before in raster order. Frame pixels are never visited. The ascending
+    pass (increasing value, reverse raster order among equal values) is this order reversed, so its
+    mask is the complement restricted to neighbours inside the image.
     """
     h, w = u.shape
     wp = w + 2
-    padded = np.full((h + 2, wp), -1 if descending else 256, np.int16)
+    padded = np.full((h + 2, wp), -1, np.int16)
     for y in range(h):
         for x in range(w):
             padded[y + 1, x + 1] = u[y, x]
@@ -179,16 +180,25 @@ def earlier_masks(u, descending):
         base = y * wp
         for x in range(1, w + 1):
             v = row[x]
-            if descending:  # raster-earlier neighbours win ties
-                m = ((above[x - 1] >= v) | ((above[x] >= v) << 1) | ((above[x + 1] >= v) << 2)
-                     | ((row[x + 1] > v) << 3) | ((below[x + 1] > v) << 4) | ((below[x] > v) << 5)
-                     | ((below[x - 1] > v) << 6) | ((row[x - 1] >= v) << 7))
-            else:  # raster-later neighbours win ties
-                m = ((above[x - 1] < v) | ((above[x] < v) << 1) | ((above[x + 1] < v) << 2)
-                     | ((row[x + 1] <= v) << 3) | ((below[x + 1] <= v) << 4) | ((below[x] <= v) << 5)
-                     | ((below[x - 1] <= v) << 6) | ((row[x - 1] < v) << 7))
-            masks[base + x] = m
+            masks[base + x] = ((above[x - 1] >= v) | ((above[x] >= v) << 1) | ((above[x + 1] >= v) << 2)
+                               | ((row[x + 1] > v) << 3) | ((below[x + 1] > v) << 4) | ((below[x] > v) << 5)
+                               | ((below[x - 1] > v) << 6) | ((row[x - 1] >= v) << 7))
     return masks
+
+
+@njit(cache=True)
+def _inside(x, y, w, h):
+    """Ring positions (bits) of the neighbours of (x, y) that lie inside the image."""
+    bits = 0xFF
+    if y == 0:
+        bits &= ~0b00000111  # NW N NE
+    if y == h - 1:
+        bits &= ~0b01110000  # SE S SW
+    if x == 0:
+        bits &= ~0b11000001  # NW SW W
+    if x == w - 1:
+        bits &= ~0b00011100  # NE E SE
+    return bits
 
 
 @njit(cache=True)
@@ -292,7 +302,7 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, modes, groups, steps
 
     Args:
         order, hist: :func:`sort_by_value` of the map.
-        masks: :func:`earlier_masks` of the map, ``descending=True``.
+        masks: :func:`earlier_masks` of the map.
         shape: ``(H, W)``.
         need: bool ``[256]``: thresholds to decide (each must have a non-empty foreground).
         gt: int64 ``[G, 4]`` ground-truth boxes.
@@ -517,7 +527,7 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, steps, records):
 
     Args:
         order, hist: :func:`sort_by_value` of the map (visited here from the end).
-        masks: :func:`earlier_masks` of the map, ``descending=False``.
+        masks: :func:`earlier_masks` of the map (the descending pass's; complemented here).
         shape: ``(H, W)``.
         need: bool ``[256]``.
         gt: int64 ``[G, 4]`` ground-truth boxes.
@@ -560,13 +570,13 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, steps, records):
         while k > end:
             k -= 1
             q = np.uint64(order[k])
-            m = np.uint64(masks[q])
-            step = steps[m]
-            ng = step & 7
             row = (q * magic) >> shift
             y = np.int64(row) - 1
             x = np.int64(q - row * padded_width) - 1
             edge = x == 0 or y == 0 or x == w - 1 or y == h - 1
+            m = np.uint64(~masks[q] & (_inside(x, y, w, h) if edge else 0xFF))
+            step = steps[m]
+            ng = step & 7
             if ng == 0:
                 r = ids
                 ids += one
