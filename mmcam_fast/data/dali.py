@@ -58,7 +58,7 @@ from mmcam_fast.data.dali_source import (
 )
 from mmcam_fast.data.dali_spec import TRAIN, TransformSpec, transform_spec
 from mmcam_fast.data.datasets import WSOLDataset
-from mmcam_fast.data.sampler import SetBatchSampler
+from mmcam_fast.data.sampler import LoaderPosition, SetBatchSampler
 from mmcam_fast.errors import ConfigError, DataError, MMCamError
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class _Batch:
         return self.rows[:self.count, 0]
 
 
-class DaliLoader:
+class DaliLoader(LoaderPosition):
     """Loads a ``WSOLDataset`` with a DALI pipeline (see the module docstring).
 
     Args:
@@ -220,19 +220,6 @@ class DaliLoader:
         self._consumed = 0
         if self.batch_sampler is not None:
             self.batch_sampler.set_epoch(self.epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self.epoch, "position": self._consumed}
-        if self.batch_sampler is not None:
-            state["sampler"] = self.batch_sampler.state_dict(position=self._consumed)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration yields the rest of the saved epoch (set-batch loaders only)."""
-        self.set_epoch(state["epoch"])
-        if self.batch_sampler is not None and "sampler" in state:
-            self.batch_sampler.load_state_dict(state["sampler"])
-            self._consumed = int(state["sampler"]["position"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         start = 0

@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.metadata import WSOLMetadata, load_metadata
 from mmcam_fast.data.prepare import CLASSES_FILE, ensure_prepared, read_class_names, read_manifest
-from mmcam_fast.data.sampler import SetBatchSampler
+from mmcam_fast.data.sampler import LoaderPosition, SetBatchSampler
 from mmcam_fast.data.synthetic import make_synthetic
 from mmcam_fast.data.transforms import eval_transform, train_transform
 from mmcam_fast.errors import ConfigError, DataError, MMCamError
@@ -239,7 +239,7 @@ def _stop_workers(iterator: Any) -> None:
         shutdown()
 
 
-class Loader:
+class Loader(LoaderPosition):
     """A data loader with the interface every backend provides.
 
     Iterating yields ``(images [B, 3, C, C] float32, labels [B] int64, indices [B] int64)``.
@@ -308,19 +308,6 @@ class Loader:
             return images, labels, indices
         sizes = torch.tensor([self.dataset.original_size(int(i)) for i in indices], dtype=torch.int64)
         return images, labels, indices, sizes.reshape(-1, 2)
-
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self.epoch, "position": self._consumed}
-        if self.batch_sampler is not None:
-            state["sampler"] = self.batch_sampler.state_dict(position=self._consumed)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration yields the rest of the saved epoch (set-batch loaders only)."""
-        self.set_epoch(state["epoch"])
-        if self.batch_sampler is not None and "sampler" in state:
-            self.batch_sampler.load_state_dict(state["sampler"])
-            self._consumed = int(state["sampler"]["position"])
 
 
 def resolve_backend(backend: str, dataset: Any) -> str:

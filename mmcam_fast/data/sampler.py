@@ -242,3 +242,29 @@ class SetBatchSampler:
                 chosen.append(stream.pop(i))
         taken.update(chosen)
         return chosen
+
+
+class LoaderPosition:
+    """Resume state of a loader driven by a :class:`SetBatchSampler` (the torch and DALI loaders).
+
+    The loader keeps ``epoch``, ``_consumed`` (batches handed out this epoch), ``batch_sampler`` and a
+    ``set_epoch(epoch)`` method of its own; this class turns them into ``state_dict`` /
+    ``load_state_dict``.
+    """
+
+    epoch: int
+    _consumed: int
+    batch_sampler: SetBatchSampler | None
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self._consumed}
+        if self.batch_sampler is not None:
+            state["sampler"] = self.batch_sampler.state_dict(position=self._consumed)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields the rest of the saved epoch (set-batch loaders only)."""
+        self.set_epoch(state["epoch"])
+        if self.batch_sampler is not None and "sampler" in state:
+            self.batch_sampler.load_state_dict(state["sampler"])
+            self._consumed = int(state["sampler"]["position"])
