@@ -21,6 +21,7 @@ from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
+from mmcam_fast.evaluation.parallel import resolve_threads
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 from mmcam_fast.evaluation.thresholds import cam_thresholds
 
@@ -46,32 +47,41 @@ def workload() -> tuple[dict, list]:
     return gt, items
 
 
-def evaluate(impl: str, multi: bool, interval: float, items: list, workers: int = 1) -> BoxEvaluator:
+def evaluate(impl: str, multi: bool, interval: float, items: list, workers: int = 1,
+             threads: int | None = 1) -> BoxEvaluator:
     gt, _ = workload()
     evaluator = BoxEvaluator(gt, cam_curve_interval=interval, multi_contour=multi, impl=impl)
-    accumulate_boxes([evaluator], items, workers=workers, check=False)
+    accumulate_boxes([evaluator], items, workers=workers, check=False, threads=threads)
     return evaluator
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+# The variants timed against each other: the protocol's reference in one thread (as its own code
+# runs), the fast evaluator in one thread, and the fast evaluator as the evaluate command runs it
+# (threads=None: one thread per core).
+VARIANTS = {"reference": ("reference", 1), "fast-1thread": ("fast", 1), "fast": ("fast", None)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", ["single", "multi"])
-def test_box_interval_001(benchmark, impl, mode):
+def test_box_interval_001(benchmark, variant, mode):
     """100 CAM thresholds (the paper's tables), 300 maps."""
     benchmark.group = f"box {mode}-contour, interval 0.01, 300 maps"
+    impl, threads = VARIANTS[variant]
     _, items = workload()
-    evaluator = benchmark.pedantic(evaluate, args=(impl, mode == "multi", 0.01, items), rounds=3,
-                                   iterations=1, warmup_rounds=1)
+    evaluator = benchmark.pedantic(evaluate, args=(impl, mode == "multi", 0.01, items),
+                                   kwargs={"threads": threads}, rounds=3, iterations=1, warmup_rounds=1)
     assert evaluator.count == len(items)
 
 
-@pytest.mark.parametrize("impl", ["reference", "fast"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", ["single", "multi"])
-def test_box_interval_0001(benchmark, impl, mode):
+def test_box_interval_0001(benchmark, variant, mode):
     """1000 CAM thresholds (the protocol's default interval), 30 maps."""
     benchmark.group = f"box {mode}-contour, interval 0.001, 30 maps"
+    impl, threads = VARIANTS[variant]
     _, items = workload()
-    evaluator = benchmark.pedantic(evaluate, args=(impl, mode == "multi", 0.001, items[::10]), rounds=2,
-                                   iterations=1, warmup_rounds=1)
+    evaluator = benchmark.pedantic(evaluate, args=(impl, mode == "multi", 0.001, items[::10]),
+                                   kwargs={"threads": threads}, rounds=2, iterations=1, warmup_rounds=1)
     assert evaluator.count == len(items[::10])
 
 
@@ -101,7 +111,7 @@ def test_box_both_rules_interval_001(benchmark, impl):
 
 
 def _interleaved(multi: bool, interval: float, items: list, chunk: int = 10) -> tuple[float, float]:
-    """Total reference and fast time over ``items``, alternating chunk by chunk.
+    """Total reference and fast time over ``items``, alternating chunk by chunk, one thread each.
 
     On a shared machine the load drifts; alternating small chunks gives both implementations the
     same conditions. Times are CPU seconds of this process (less sensitive to other processes than
@@ -115,10 +125,21 @@ def _interleaved(multi: bool, interval: float, items: list, chunk: int = 10) -> 
     for start in range(0, len(items), chunk):
         for impl, evaluator in evaluators.items():
             begin = time.process_time()
-            accumulate_boxes([evaluator], items[start:start + chunk], check=False)
+            accumulate_boxes([evaluator], items[start:start + chunk], check=False, threads=1)
             totals[impl] += time.process_time() - begin
     assert np.array_equal(evaluators["reference"].num_correct, evaluators["fast"].num_correct)
     return totals["reference"], totals["fast"]
+
+
+def _wall(impl: str, multi: bool, interval: float, items: list, threads: int | None, rounds: int = 3
+          ) -> tuple[float, BoxEvaluator]:
+    """Best wall time of ``rounds`` evaluations (threads: CPU time would add the threads' times)."""
+    times = []
+    for _ in range(rounds):
+        begin = time.perf_counter()
+        evaluator = evaluate(impl, multi, interval, items, threads=threads)
+        times.append(time.perf_counter() - begin)
+    return min(times), evaluator
 
 
 def print_ratios() -> None:
@@ -146,12 +167,22 @@ def print_ratios() -> None:
     ref, fast = totals["reference"], totals["fast"]
     name = f"both rules, interval 0.01, {len(items)} maps"
     print(f"{name:46s} {ref / len(items) * 1e3:9.2f} ms {fast / len(items) * 1e3:9.2f} ms {ref / fast:6.1f}x")
-    for workers in (1, 2):  # wall time, worker start-up included
-        begin = time.perf_counter()
-        evaluate("fast", True, 0.01, items, workers=workers)
-        wall = time.perf_counter() - begin
-        print(f"multi-contour, interval 0.01, fast, {workers} process(es): "
-              f"{wall:.2f} s wall for {len(items)} maps")
+    threads = resolve_threads(None)
+    print(f"\nwall time, best of 3: reference in 1 thread, fast in 1 and {threads} threads (one per core)")
+    print(f"{'setting':46s} {'reference':>12s} {'fast 1 thr':>12s} {'fast':>12s} {'ratio':>7s}")
+    for interval, subset in ((0.01, items), (0.001, items[::10])):
+        for multi in (False, True):
+            ref, ref_eval = _wall("reference", multi, interval, subset, 1)
+            one, _ = _wall("fast", multi, interval, subset, 1)
+            many, fast_eval = _wall("fast", multi, interval, subset, None)
+            assert np.array_equal(ref_eval.num_correct, fast_eval.num_correct)
+            name = f"{'multi' if multi else 'single'}-contour, interval {interval}, {len(subset)} maps"
+            per_map = [t / len(subset) * 1e3 for t in (ref, one, many)]
+            print(f"{name:46s} " + " ".join(f"{t:9.2f} ms" for t in per_map) + f" {ref / many:6.1f}x")
+    begin = time.perf_counter()
+    evaluate("fast", True, 0.01, items, workers=2)
+    print(f"multi-contour, interval 0.01, fast, 2 processes: {time.perf_counter() - begin:.2f} s wall "
+          f"for {len(items)} maps (worker start-up included)")
 
 
 if __name__ == "__main__":

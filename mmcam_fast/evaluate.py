@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--impl", choices=("fast", "reference"), default="fast",
                         help="fast (default) or the literal reference; the numbers are identical")
     parser.add_argument("--workers", type=int, default=1, help="processes for the per-image work (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for the box evaluation when --workers is 1 (default: one per core, "
+                             "at most 8); the numbers do not depend on it")
     parser.add_argument("--overlays", type=int, default=0, metavar="N",
                         help="write overlay PNGs of the first N images (needs --overlay-dir, --image-root)")
     parser.add_argument("--overlay-dir", type=Path, help="folder for overlay PNGs")
@@ -142,6 +145,8 @@ def run(args: argparse.Namespace) -> dict:
     dataset = dataset_name(args.dataset)
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     if args.overlays:
         if args.overlays < 0 or args.overlay_dir is None or args.image_root is None:
             raise ConfigError("--overlays N needs N >= 0, --overlay-dir and --image-root "
@@ -152,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
     result = evaluate_scoremaps(
         dataset, metadata, _scoremaps_from_files(args, metadata.image_ids), mask_root=args.mask_root,
         cam_curve_interval=args.cam_curve_interval, iou_thresholds=args.iou_threshold_list, impl=args.impl,
-        workers=args.workers, check=False)  # iter_scoremaps has validated every map
+        workers=args.workers, threads=args.threads, check=False)  # iter_scoremaps has validated every map
     result["split"] = args.split
     if args.overlays:
         written = _write_overlays(args, metadata, result)

@@ -61,7 +61,8 @@ def test_box_dataset_numbers_match_the_evaluators(tmp_path, capsys):
     # the reference implementation and two worker processes print the same JSON
     reference, _ = run(capsys, *args(tmp_path, "CUB", "test", "--impl", "reference"))
     pooled, _ = run(capsys, *args(tmp_path, "CUB", "test", "--workers", "2"))
-    assert reference == result == pooled
+    threaded, _ = run(capsys, *args(tmp_path, "CUB", "test", "--threads", "3"))
+    assert reference == result == pooled == threaded
 
 
 def test_imagenet_alias_ids_with_folders_and_options(tmp_path, capsys):

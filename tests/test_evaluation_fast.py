@@ -216,17 +216,30 @@ def test_maps_that_are_not_2d_are_refused():
         box_correct_fast(np.zeros(5), [(0, 0, 1, 1)], TAUS_100, IOUS, False)
 
 
-def test_accumulate_in_worker_processes_gives_the_same_counts():
+def test_accumulate_in_worker_processes_or_threads_gives_the_same_counts():
     rng = np.random.default_rng(5)
-    maps = [smooth_cam(rng, noise=0.3 * (k % 2)) for k in range(16)]
+    maps = [smooth_cam(rng, noise=0.3 * (k % 2)) for k in range(40)]
     gt = {f"i{k}": b for k, b in enumerate(random_boxes(rng, len(maps)))}
     items = list(zip(gt, maps, strict=True))
-    single = [BoxEvaluator(gt, iou_thresholds=[50]), BoxEvaluator(gt, multi_contour=True)]
-    pooled = [BoxEvaluator(gt, iou_thresholds=[50]), BoxEvaluator(gt, multi_contour=True)]
-    assert accumulate_boxes(single, items) == 16
-    assert accumulate_boxes(pooled, items, workers=2) == 16
-    for a, b in zip(single, pooled, strict=True):
+
+    def evaluators():
+        return [BoxEvaluator(gt, iou_thresholds=[50]), BoxEvaluator(gt, multi_contour=True)]
+
+    single = evaluators()
+    assert accumulate_boxes(single, items, threads=1) == 40
+    for kwargs in ({"workers": 2}, {"threads": 3}, {}):  # {}: one thread per core
+        pooled = evaluators()
+        assert accumulate_boxes(pooled, items, **kwargs) == 40
+        for a, b in zip(single, pooled, strict=True):
+            np.testing.assert_array_equal(a.num_correct, b.num_correct)
+    # and per image, through the reference: threads change nothing but the time
+    reference = [BoxEvaluator(gt, iou_thresholds=[50], impl="reference"),
+                 BoxEvaluator(gt, multi_contour=True, impl="reference")]
+    accumulate_boxes(reference, items, threads=2)
+    for a, b in zip(single, reference, strict=True):
         np.testing.assert_array_equal(a.num_correct, b.num_correct)
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        accumulate_boxes(evaluators(), items, threads=0)
 
 
 def test_foreground_bbox_and_cropped_contours_match_the_full_image():

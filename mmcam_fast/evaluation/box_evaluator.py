@@ -22,7 +22,7 @@ from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation.box_fast import box_correct_fast_u8, box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
 from mmcam_fast.evaluation.boxes import as_gt_array, gt_boxes_224
-from mmcam_fast.evaluation.parallel import ordered_map
+from mmcam_fast.evaluation.parallel import ordered_map, resolve_threads
 from mmcam_fast.evaluation.scoremaps import check_scoremap
 from mmcam_fast.evaluation.thresholds import DEFAULT_IOU_THRESHOLDS, check_impl, check_iou_thresholds
 from mmcam_fast.evaluation.thresholds import cam_thresholds as make_cam_thresholds
@@ -143,7 +143,7 @@ def _image_job(item: tuple[str, np.ndarray, np.ndarray], cam_thresholds: np.ndar
 
 
 def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tuple[str, np.ndarray]],
-                     workers: int = 1, check: bool = True) -> int:
+                     workers: int = 1, check: bool = True, threads: int | None = None) -> int:
     """Feed ``(image_id, scoremap)`` pairs to several evaluators in one pass, optionally in parallel.
 
     The evaluators must share their ground truth, CAM thresholds and implementation (they may
@@ -153,6 +153,9 @@ def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tup
         evaluators: the evaluators to update.
         scoremaps: ``(image_id, [224, 224] map)`` pairs, consumed lazily.
         workers: processes; each image is evaluated whole in one of them.
+        threads: threads when ``workers`` is 1; None (default) is one per available core, at most 8.
+            The numbers do not depend on it (each image's counts are computed whole, in one thread,
+            and added in input order).
         check: validate each map (skip only for maps validated already, e.g. by ``iter_scoremaps``).
 
     Returns:
@@ -174,7 +177,7 @@ def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tup
 
     job = partial(_image_job, cam_thresholds=first.cam_thresholds, specs=specs, impl=first.impl)
     added = 0
-    for results in ordered_map(job, payloads(), workers):
+    for results in ordered_map(job, payloads(), workers, threads=resolve_threads(threads)):
         for evaluator, correct in zip(evaluators, results, strict=True):
             evaluator.add(correct)
         added += 1

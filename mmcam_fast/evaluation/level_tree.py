@@ -36,7 +36,8 @@ attributes (box, first pixel, quad sums) live per id.
 Holes use the mirror pass: pixels in increasing value, 4-connectivity, with a flag for components
 that reach the image border.
 
-All kernels are compiled with numba (``cache=True``: the compile is paid once per machine).
+All kernels are compiled with numba (``cache=True``: the compile is paid once per machine) and
+release the GIL (``nogil=True``), so threads evaluate several images at once.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ STEPS8 = GROUPS8[:, 0] | (GROUPS8[:, 1] << 3)
 STEPS4 = GROUPS4[:, 0] | (GROUPS4[:, 1] << 3)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ring_offsets(wp):
     """Flat-index offsets of the ring positions in a padded image ``wp`` pixels wide."""
     offsets = np.empty(8, np.int64)
@@ -147,7 +148,7 @@ def _ring_offsets(wp):
     return offsets
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _row_divisor(wp):
     """``q // wp`` as ``(q * magic) >> 40``: exact for ``q * wp < 2**40`` (a division per pixel is slow).
 
@@ -157,7 +158,7 @@ def _row_divisor(wp):
     return np.uint64(wp), np.uint64(((1 << 40) + wp - 1) // wp), np.uint64(40)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def earlier_masks(u):
     """Per pixel (padded layout, one-pixel frame), which ring neighbours the descending pass visits first.
 
@@ -186,7 +187,7 @@ def earlier_masks(u):
     return masks
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _inside(x, y, w, h):
     """Ring positions (bits) of the neighbours of (x, y) that lie inside the image."""
     bits = 0xFF
@@ -201,7 +202,7 @@ def _inside(x, y, w, h):
     return bits
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sort_by_value(u):
     """Pixels by decreasing value, raster order among equal values.
 
@@ -257,7 +258,7 @@ def sort_by_value(u):
     return order, hist
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _iou(x0, y0, x1, y1, gt):
     """The protocol's best IoU of one box against the ground-truth boxes (float64, inclusive pixels)."""
     best = 0.0
@@ -273,7 +274,7 @@ def _iou(x0, y0, x1, y1, gt):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _inside_bound(x0, y0, x1, y1, gt):
     """Upper bound of the IoU of any box inside this one: ``max |B & G| / |G|`` (see box_fast)."""
     best = 0.0
@@ -286,7 +287,7 @@ def _inside_bound(x0, y0, x1, y1, gt):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _band(iou, cuts):
     """How many IoU cuts ``iou`` reaches (``iou >= cut``); equal bands give equal answers."""
     band = 0
@@ -296,7 +297,7 @@ def _band(iou, cuts):
     return band
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def outer_levels(order, hist, masks, shape, need, gt, cuts, modes, groups, steps, quads, records):
     """Per threshold t with ``need[t]``: the protocol's best IoU from the outer contours' boxes.
 
@@ -449,7 +450,7 @@ def outer_levels(order, hist, masks, shape, need, gt, cuts, modes, groups, steps
     return best, status, kept
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decide_multi(live, x0, y0, x1, y1, packed, gt, cuts, w, h):
     """MaxBoxAccV2 at one threshold: the best outer box's IoU, and whether holes may beat it."""
     top = -1.0
@@ -469,7 +470,7 @@ def _decide_multi(live, x0, y0, x1, y1, packed, gt, cuts, w, h):
     return top, DECIDED
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decide_single(live, x0, y0, x1, y1, first, packed, gt, cuts, w, h):
     """MaxBoxAcc at one threshold: the IoU of the largest outer contour's box, if determined."""
     if len(live) == 1:
@@ -517,7 +518,7 @@ def _decide_single(live, x0, y0, x1, y1, first, packed, gt, cuts, w, h):
     return -1.0, TRACE
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def hole_levels(order, hist, masks, shape, need, gt, groups, steps, records):
     """Per threshold t with ``need[t]``: the best IoU of the hole contours' boxes (-1 if none).
 
@@ -642,7 +643,7 @@ def hole_levels(order, hist, masks, shape, need, gt, groups, steps, records):
     return best, kept
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def needed_levels(u, taus):
     """The integer threshold of each CAM threshold, and which of them the passes must decide.
 
@@ -664,7 +665,7 @@ def needed_levels(u, taus):
     return levels, need, umax
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def answers(levels, best, status, umax, shape, gt, cuts):
     """``[len(cuts), len(levels)]`` booleans ``iou >= cut`` per CAM threshold (traced ones unset).
 

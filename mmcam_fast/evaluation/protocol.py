@@ -35,7 +35,7 @@ def dataset_name(name: str) -> str:
 def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable[tuple[str, np.ndarray]], *,
                        mask_root: str | Path | None = None, cam_curve_interval: float = 0.01,
                        iou_thresholds: Iterable[int] = DEFAULT_IOU_THRESHOLDS, impl: str = "fast",
-                       workers: int = 1, check: bool = True) -> dict:
+                       workers: int = 1, check: bool = True, threads: int | None = None) -> dict:
     """Evaluate one split; returns the JSON-ready result.
 
     Box data sets (CUB, ILSVRC) are evaluated twice in one pass: single contour at IoU 50
@@ -52,6 +52,7 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
         iou_thresholds: IoU thresholds (percent) of the multi-contour run.
         impl: ``"fast"`` or ``"reference"``.
         workers: processes for the per-image work.
+        threads: threads for the box evaluation when ``workers`` is 1 (None: one per core).
         check: validate each map (False only for maps validated already).
 
     Raises:
@@ -85,7 +86,7 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
                                         iou_thresholds=[MAXBOXACC_IOU], multi_contour=False, impl=impl)
     multi = BoxEvaluator(single.gt_boxes, cam_curve_interval=cam_curve_interval,
                          iou_thresholds=list(iou_thresholds), multi_contour=True, impl=impl)
-    accumulate_boxes([single, multi], tracked(), workers=workers, check=check)
+    accumulate_boxes([single, multi], tracked(), workers=workers, check=check, threads=threads)
     _check_complete(metadata, seen)
     single_result, multi_result = single.compute(), multi.compute()
     result.update(
