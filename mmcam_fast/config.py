@@ -33,6 +33,8 @@ class TrainConfig:
     sample_with_replacement: bool = False
     lambda_crr: float = 1.0
     lambda_frr: float = 1.0
+    stage2_mask: str = "image"  # "feature": the paper's Table 3 ablation, f = g(F * H)
+    init: str | None = None  # start from this checkpoint's model weights (optimizer and schedule afresh)
     epochs: int = 10
     lr: float = 1e-4  # backbone; new layers (fc, conv6) use lr * classifier_lr_mult
     classifier_lr_mult: float = 10.0
@@ -87,6 +89,7 @@ class TrainConfig:
             (self.lambda_crr >= 0 and self.lambda_frr >= 0, "--lambda-crr/--lambda-frr must be >= 0"),
             (self.image_size >= 16, "--image-size must be at least 16"),
             (self.bad_images in ("error", "skip"), "--bad-images must be 'error' or 'skip'"),
+            (self.stage2_mask in ("image", "feature"), "--stage2-mask must be 'image' or 'feature'"),
             (self.impl in ("fast", "reference"), "--impl must be 'fast' or 'reference'"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of auto, bf16, fp16, off"),
             (0 < self.cam_curve_interval < 1, "--cam-curve-interval must be in (0, 1)"),

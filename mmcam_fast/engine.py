@@ -152,7 +152,7 @@ class Trainer:
         plain = unwrap(self.model)
         with self._autocast():
             return stage2_core(plain.backbone, plain.fc.weight, images, labels, self.config.set_size,
-                               kernels=self.kernels)
+                               kernels=self.kernels, mask=self.config.stage2_mask)
 
     def _step(self, loss: torch.Tensor, average: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """Backward and optimizer step, skipped on every rank if the loss is not finite on one.
@@ -238,7 +238,8 @@ class Trainer:
             with eval_mode(plain.backbone):
                 crr, frr = self._stage2(images, labels)
         else:
-            crr, frr = stage2_losses(plain.backbone, plain.fc, images, labels, config.set_size)
+            crr, frr = stage2_losses(plain.backbone, plain.fc, images, labels, config.set_size,
+                                     mask=config.stage2_mask)
         loss2 = config.lambda_crr * crr + config.lambda_frr * frr
         finite = self._step(loss2, average=(plain.fc.weight,))
         return {"crr": crr.detach(), "frr": frr.detach(), "loss2": loss2.detach()}, finite

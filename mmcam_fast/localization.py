@@ -147,7 +147,7 @@ def evaluate_localization(model: CAMModel, dataset: WSOLDataset, *, device: torc
     result.update(top1_cls=100.0 * top1 / count, top5_cls=100.0 * top5 / count, images=count)
     if kept:
         index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
-        images = [_image_224(dataset.image_path(index[i])) for i, _ in kept]
+        images = [image_224(dataset.image_path(index[i])) for i, _ in kept]
         gt = [boxes[i] if boxes is not None else [] for i, _ in kept]
         written = write_overlays(images, [s for _, s in kept], gt, threshold, overlay_dir,
                                  [i for i, _ in kept])
@@ -155,7 +155,7 @@ def evaluate_localization(model: CAMModel, dataset: WSOLDataset, *, device: torc
     return result
 
 
-def _image_224(path: Path) -> np.ndarray:
+def image_224(path: Path) -> np.ndarray:
     """The image as the protocol's eval transform sees it: RGB uint8 resized to 224x224."""
     size = (SCOREMAP_SIZE, SCOREMAP_SIZE)
     return cv2.resize(np.asarray(load_rgb(path)), size, interpolation=cv2.INTER_LINEAR)

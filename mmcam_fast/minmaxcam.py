@@ -22,6 +22,9 @@ from mmcam_fast import ops
 # move the normalisation measurably, and it is representable in the fp32 accumulations of half inputs.
 
 STAGE2_IMPLS = ("reference", "auto", "triton")
+# Where Stage II applies the CAM: the input image (the method) or the feature map F (the paper's
+# Table 3 ablation: f = g(F * H) at the feature map's resolution, no second backbone pass).
+STAGE2_MASKS = ("image", "feature")
 
 
 def stage1_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -50,13 +53,19 @@ def frozen_call(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return torch.func.functional_call(backbone, params, (images,))
 
 
-def masked_images_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            images: torch.Tensor) -> torch.Tensor:
-    """Stage II steps 3-6: CAM of the label, min-max over h*w, bilinear upsample, multiply the image."""
+def normalized_cams_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+                              ) -> torch.Tensor:
+    """Stage II steps 3-4: CAM of the label, min-max over h*w: ``[B, h, w]`` in at least fp32."""
     cams = _at_least_fp32(torch.einsum("bk,bkhw->bhw", weight[labels], features))  # H_raw [B, h, w]
     low = cams.amin(dim=(1, 2), keepdim=True)
     high = cams.amax(dim=(1, 2), keepdim=True)
-    normalized = (cams - low) / (high - low + CAM_EPS)
+    return (cams - low) / (high - low + CAM_EPS)
+
+
+def masked_images_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                            images: torch.Tensor) -> torch.Tensor:
+    """Stage II steps 3-6: CAM of the label, min-max over h*w, bilinear upsample, multiply the image."""
+    normalized = normalized_cams_reference(features, weight, labels)
     upsampled = F.interpolate(normalized[:, None], size=images.shape[-2:], mode="bilinear",
                               align_corners=False)  # [B, 1, H, W]
     return images * upsampled
@@ -82,7 +91,8 @@ def check_set_layout(batch: int, set_size: int) -> None:
 
 
 def stage2_losses(backbone: nn.Module, fc: nn.Linear, images: torch.Tensor, labels: torch.Tensor,
-                  set_size: int, *, impl: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+                  set_size: int, *, impl: str = "reference", mask: str = "image"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage II losses of a set-structured batch, differentiable w.r.t. ``fc.weight`` only.
 
     Args:
@@ -94,6 +104,7 @@ def stage2_losses(backbone: nn.Module, fc: nn.Linear, images: torch.Tensor, labe
         impl: ``"reference"`` (this module, literal), ``"triton"`` (the fused kernels of
             :mod:`mmcam_fast.ops`), or ``"auto"`` (:mod:`mmcam_fast.ops` picks by device and the
             ``MMCAM_KERNELS`` environment variable).
+        mask: ``"image"`` (the method) or ``"feature"`` (the Table 3 ablation: ``f = g(F * H)``).
 
     Returns:
         (crr, frr): scalar tensors.
@@ -102,27 +113,37 @@ def stage2_losses(backbone: nn.Module, fc: nn.Linear, images: torch.Tensor, labe
         raise ValueError(f"impl={impl!r}: choose one of {', '.join(STAGE2_IMPLS)}")
     with eval_mode(backbone):
         return stage2_core(backbone, fc.weight, images, labels, set_size,
-                           kernels=None if impl == "auto" else impl)
+                           kernels=None if impl == "auto" else impl, mask=mask)
 
 
 def stage2_core(backbone: nn.Module, weight: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
-                set_size: int, *, kernels: str | None = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+                set_size: int, *, kernels: str | None = "reference", mask: str = "image"
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage II steps 2-8 with the backbone already in eval mode: no module state changes here.
 
     This is the part the fast engine compiles (whole, ``fullgraph=True``), under autocast.
     ``kernels="reference"`` is this module's literal code; ``"triton"`` or None go through
     :mod:`mmcam_fast.ops` (None: its dispatch rule). CAMs, their normalisation and the losses are
     computed in at least fp32 whatever the autocast dtype of the backbone.
+
+    ``mask="feature"`` (an ablation, plain PyTorch whatever ``kernels`` says) multiplies the feature
+    map by the normalized CAM instead of the image: ``f = g(F * H)``, gradients into ``W`` through H.
     """
     check_set_layout(images.shape[0], set_size)
+    if mask not in STAGE2_MASKS:
+        raise ValueError(f"mask={mask!r}: choose one of {', '.join(STAGE2_MASKS)}")
     with torch.no_grad():
         features = backbone(images)  # F = B(x), with the weights as updated by Stage I
     f_o = features.mean(dim=(2, 3))  # [B, K], a constant
-    if kernels == "reference":
-        masked = masked_images_reference(features, weight, labels, images)
+    if mask == "feature":
+        normalized = normalized_cams_reference(features, weight, labels)
+        f = (_at_least_fp32(features) * normalized[:, None]).mean(dim=(2, 3))
     else:
-        masked = ops.cam_mask(features, weight, labels, images, impl=kernels)
-    f = frozen_call(backbone, masked).mean(dim=(2, 3))  # [B, K]
+        if kernels == "reference":
+            masked = masked_images_reference(features, weight, labels, images)
+        else:
+            masked = ops.cam_mask(features, weight, labels, images, impl=kernels)
+        f = frozen_call(backbone, masked).mean(dim=(2, 3))  # [B, K]
     f, f_o = _at_least_fp32(f), _at_least_fp32(f_o)
     if kernels == "reference":
         return set_regularizers_reference(f, f_o, set_size)

@@ -124,6 +124,21 @@ def _load_resume(resume: str | None, folder: Path) -> tuple[str, dict[str, Any]]
     return str(path), load_checkpoint(path, flag="--resume")
 
 
+def _init_weights(model: torch.nn.Module, path: str) -> None:
+    """``--init``: the model weights (backbone and fc) of another run's checkpoint, strictly.
+
+    Only the weights: the optimizer, the schedule, the step count and the random streams start
+    afresh (unlike ``--resume``). The checkpoint must hold the same architecture and classes.
+    """
+    state = load_checkpoint(path, flag="--init")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[:3]
+        raise ConfigError(f"--init {path}: does not fit this model ({' '.join(first)}); expected a "
+                          "checkpoint of the same backbone, feature-map size and number of classes") from None
+
+
 def _keep_lines(path: Path, keep: Any) -> None:
     """Drop the JSON lines a resumed run will write again (those past the checkpoint)."""
     if not path.exists():
@@ -170,7 +185,10 @@ class _Run:
             steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
         model = create_model(config.backbone, data.num_classes, large_feature_map=config.large_feature_map,
-                             pretrained=config.pretrained).to(device)
+                             pretrained=config.pretrained)
+        if config.init and loaded is None:  # a resumed run has its own weights
+            _init_weights(model, config.init)
+        model = model.to(device)
         # The weights above are the same on every rank; from here each rank has its own random streams.
         seed_everything(distributed.rank_seed(config.seed, world.rank))
         self.trainer = trainer = Trainer(model, config)

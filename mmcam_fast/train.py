@@ -35,6 +35,10 @@ _HELP = {
     "sample_with_replacement": "allow classes with fewer than S images (sampled with replacement)",
     "lambda_crr": "weight of the common region regularization (0 and 0 = plain CAM)",
     "lambda_frr": "weight of the full region regularization",
+    "stage2_mask": "where Stage II applies the CAM: image (the method) or feature (the paper's Table 3 "
+                   "ablation, f = g(F * H))",
+    "init": "start from this checkpoint's model weights (backbone and fc); optimizer, schedule and "
+            "step count start afresh (unlike --resume)",
     "lr": "learning rate of the backbone",
     "classifier_lr_mult": "lr multiplier of the new layers (fc, conv6)",
     "lr_milestones": "epochs at which the lr is multiplied by --lr-gamma",

@@ -16,3 +16,13 @@ def finished_run(tmp_path_factory):
           "--epochs", "2", "--max-steps-per-epoch", "2", "--workers", "0", "--out", str(out),
           "--log-every", "3", "--sets-per-batch", "2", "--set-size", "3", "--impl", "reference"])
     return out
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The project's real data folder (``$MMCAM_SHARED_DATA``, else ``../shared/data`` of the checkout)."""
+    import os
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    return Path(os.environ.get("MMCAM_SHARED_DATA", default))

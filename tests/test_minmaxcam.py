@@ -148,3 +148,37 @@ def test_stage1_loss_is_mean_cross_entropy():
     labels = torch.tensor([0, 0])
     expected = (-torch.log_softmax(logits, 1)[0, 0] - torch.log_softmax(logits, 1)[1, 0]) / 2
     torch.testing.assert_close(stage1_loss(logits, labels), expected)
+
+
+def test_feature_masking_ablation_matches_explicit_formula():
+    # Table 3's ablation: f = g(F * H), H the min-max CAM at the feature map's resolution
+    gen = torch.Generator().manual_seed(3)
+    backbone = TinyBackbone(6).double()
+    _randomize_bn(backbone, gen)
+    fc = nn.Linear(6, 4).double()
+    images = torch.randn(6, 3, 16, 16, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([1, 1, 1, 3, 3, 3])
+    crr, frr = stage2_losses(backbone, fc, images, labels, 3, mask="feature")
+    crr.backward(retain_graph=True)
+    grad_crr = fc.weight.grad.clone()
+    assert fc.bias.grad is None and all(p.grad is None for p in backbone.parameters())
+    weight = fc.weight.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        fmaps = copy.deepcopy(backbone).eval()(images)
+    f, f_o = [], []
+    for b in range(6):
+        cam = sum(weight[labels[b], k] * fmaps[b, k] for k in range(6))
+        h = (cam - cam.min()) / (cam.max() - cam.min() + CAM_EPS)
+        f.append((fmaps[b] * h).mean(dim=(1, 2)))
+        f_o.append(fmaps[b].mean(dim=(1, 2)))
+    pairs = [(i, j) for n in range(2) for i, j in itertools.combinations(range(3 * n, 3 * n + 3), 2)]
+    want_crr = sum(((f[i] - f[j]) ** 2).mean() for i, j in pairs) / len(pairs)
+    want_frr = sum(((f[b] - f_o[b]) ** 2).mean() for b in range(6)) / 6
+    torch.testing.assert_close(crr, want_crr)
+    torch.testing.assert_close(frr, want_frr)
+    (want_grad,) = torch.autograd.grad(want_crr, weight)
+    torch.testing.assert_close(grad_crr, want_grad)
+    # and it differs from masking the image
+    assert not torch.isclose(crr, stage2_losses(backbone, fc, images, labels, 3)[0])
+    with pytest.raises(ValueError, match="mask='pixels'"):
+        stage2_losses(backbone, fc, images, labels, 3, mask="pixels")

@@ -67,3 +67,30 @@ def test_module_entry_point_exit_status(tmp_path):
                              str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --backbone 'nope'")
+
+
+def test_init_starts_from_another_runs_weights_only(finished_run, tmp_path):
+    from mmcam_fast.models import create_model
+    from mmcam_fast.runner import _init_weights
+
+    checkpoint = finished_run / "checkpoints" / "last.pt"
+    saved = torch.load(checkpoint, weights_only=False)["model"]
+    model = create_model("resnet18", saved["fc.weight"].shape[0], large_feature_map=True)
+    _init_weights(model, str(checkpoint))
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, saved[key], msg=key)
+    wrong = create_model("resnet18", saved["fc.weight"].shape[0] + 1, large_feature_map=True)
+    with pytest.raises(ConfigError, match=r"--init .*last.pt: does not fit this model"):
+        _init_weights(wrong, str(checkpoint))
+    with pytest.raises(ConfigError, match="--init .*missing.pt: file not found"):
+        _init_weights(model, str(tmp_path / "missing.pt"))
+    # end to end: a fresh schedule (epoch 1, step 1) from the other run's weights
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    out = tmp_path / "init_run"
+    main(["--data", "synthetic", "--data-root", config["data_root"], "--backbone", "resnet18",
+          "--epochs", "1", "--max-steps-per-epoch", "1", "--workers", "0", "--sets-per-batch", "2",
+          "--set-size", "3",
+          "--eval-every", "0", "--init", str(checkpoint), "--lambda-crr", "0", "--lambda-frr", "0",
+          "--out", str(out)])
+    last = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert last["step"] == 1 and last["config"]["init"] == str(checkpoint)

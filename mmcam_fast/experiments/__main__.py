@@ -1,0 +1,115 @@
+"""``python -m mmcam_fast.experiments``: the paper's claims in miniature on Tiny-ImageNet-5 at 64 px.
+
+Trains ResNet18-CAM from scratch: per seed, one Stage I pretraining (plain CAM), then every variant
+of the study fine-tuned from it (see :mod:`mmcam_fast.experiments.plan`); evaluates each on the test
+split with the protocol (model selected on val by MaxBoxAccV2); writes the report (tables and plots)
+to ``--report-dir``. Runs go to ``--out`` and are skipped when finished, so an interrupted study
+continues where it stopped; ``--report-only`` rebuilds the report from the finished runs.
+
+    python -m mmcam_fast.experiments                       # the whole study, README figures
+    python -m mmcam_fast.experiments --only main --seeds 0  # plain CAM vs MinMaxCAM, one seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from mmcam_fast.cli import run_main
+from mmcam_fast.errors import ConfigError
+from mmcam_fast.experiments import report
+from mmcam_fast.experiments.execute import record_walls, run_all
+from mmcam_fast.experiments.plan import Schedule, build_plan, select_variants
+
+_DEFAULT_SRC = Path(os.environ.get("MMCAM_SHARED_DATA", "../shared/data")) / "tiny-imagenet-5"
+
+
+def _note(message: str) -> None:
+    print(f"mmcam_fast.experiments: {message}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mmcam_fast.experiments", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, default=_DEFAULT_SRC,
+                        help="the raw Tiny-ImageNet-5 folder (default: $MMCAM_SHARED_DATA/tiny-imagenet-5, "
+                             "else ../shared/data/tiny-imagenet-5)")
+    parser.add_argument("--out", type=Path, default=Path("runs/experiments"), help="run folders")
+    parser.add_argument("--report-dir", type=Path, default=Path("experiments/tiny-imagenet-5"),
+                        help="tables and plots (the README shows this folder's files)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="variants or groups (main, lambda_crr, lambda_frr, set_size, masking)")
+    parser.add_argument("--pretrain-epochs", type=int, default=Schedule.pretrain_epochs)
+    parser.add_argument("--epochs", type=int, default=Schedule.epochs, help="fine-tuning epochs per variant")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs (smoke runs)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training processes at once, one core each (default: one per available core)")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
+    parser.add_argument("--no-dispersion", action="store_true", help="skip the dispersion analysis")
+    parser.add_argument("--overlay-images", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.pretrain_epochs < 1 or args.epochs < 2:
+        raise ConfigError("--pretrain-epochs must be >= 1 and --epochs >= 2 (the last epoch runs at lr / 10)")
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    from mmcam_fast.data.prepare import ensure_prepared
+    from mmcam_fast.evaluation.parallel import available_cores
+
+    args = parse_args(argv)
+    try:
+        variants = select_variants(args.only)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    schedule = Schedule(pretrain_epochs=args.pretrain_epochs, epochs=args.epochs,
+                        max_steps_per_epoch=args.max_steps_per_epoch)
+    if not args.src.is_dir():
+        raise ConfigError(f"--src {args.src}: folder not found (the raw Tiny-ImageNet-5 folder)")
+    # converted once here, before the training processes start (they would race on the cache)
+    data_root = ensure_prepared("tiny-imagenet", args.src, args.out / "data")
+    pretrain, runs = build_plan(args.out, data_root, args.seeds, schedule, variants)
+    jobs = args.jobs or available_cores()
+    began = time.perf_counter()
+    if not args.report_only:
+        for stage in (pretrain, runs):
+            walls = run_all(stage, jobs, note=_note)
+            record_walls(walls)
+    study_wall = time.perf_counter() - began
+
+    args.report_dir.mkdir(parents=True, exist_ok=True)
+    rows = report.collect(runs, data_root, with_dispersion=not args.no_dispersion)
+    if not rows:
+        raise ConfigError(f"{args.out}: no finished run to report")
+    summary = report.summarize(rows)
+    report.write_csv(args.report_dir / "results.csv", rows)
+    report.write_csv(args.report_dir / "summary.csv", summary)
+    table = report.markdown_table(summary)
+    (args.report_dir / "summary.md").write_text(table)
+    report.plot_curves(runs, pretrain, args.report_dir / "curves.png")
+    report.plot_sweeps(summary, args.report_dir / "sweeps.png")
+    seed = args.seeds[0]
+    pair = [r for r in runs if r.seed == seed and r.name in ("cam", "minmaxcam") and r.done]
+    if len(pair) == 2 and args.overlay_images > 0:
+        cam_run, minmax_run = sorted(pair, key=lambda r: r.name != "cam")
+        report.plot_overlays(cam_run, minmax_run, data_root, args.report_dir / "overlays.png",
+                             args.overlay_images)
+    walls = [float((r.folder / "wall_time.txt").read_text()) for r in pretrain + runs
+             if (r.folder / "wall_time.txt").is_file()]
+    info = {"seeds": args.seeds, "schedule": vars(schedule), "runs": len(rows), "jobs": jobs,
+            "sum_of_run_walls_s": round(sum(walls), 1),
+            "this_invocation_wall_s": round(study_wall, 1)}
+    (args.report_dir / "study.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(table)
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

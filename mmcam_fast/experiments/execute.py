@@ -1,0 +1,84 @@
+"""Running the plan: training processes side by side, one core each, resumable.
+
+Each run is ``python -m mmcam_fast.train --config <run>/experiment.yaml --resume auto`` in its own
+process with one intra-op thread (small convolutions at 64 px scale poorly over threads; separate
+runs on separate cores scale fully). A run whose ``final_metrics.json`` exists is skipped, and an
+interrupted one continues from its last checkpoint, so the whole study can be stopped and
+restarted. Pretraining runs go first: every variant starts from its seed's pretrained checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import yaml
+
+from mmcam_fast.experiments.plan import Run
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def _command(run: Run) -> list[str]:
+    run.folder.mkdir(parents=True, exist_ok=True)
+    config = run.folder / "experiment.yaml"
+    config.write_text(yaml.safe_dump({**run.flags, "out": str(run.folder)}, sort_keys=False))
+    return [sys.executable, "-m", "mmcam_fast.train", "--config", str(config), "--resume", "auto"]
+
+
+def _start(run: Run, threads: int) -> subprocess.Popen:
+    env = {**os.environ, **dict.fromkeys(_THREAD_VARIABLES, str(threads))}
+    command = _command(run)
+    with (run.folder / "train.log").open("a") as log:  # the child keeps its own copy of the handle
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print) -> dict[str, float]:
+    """Run every run not done yet, ``jobs`` at a time; returns wall seconds per run folder.
+
+    Raises:
+        RuntimeError: a run failed (its ``train.log`` names the error); the others finish first.
+    """
+    pending = deque(run for run in runs if not run.done)
+    skipped = len(runs) - len(pending)
+    if skipped:
+        note(f"{skipped} run(s) already done, {len(pending)} to go")
+    active: list[tuple[Run, subprocess.Popen, float]] = []
+    walls: dict[str, float] = {}
+    failed: list[Run] = []
+    while pending or active:
+        while pending and len(active) < jobs:
+            run = pending.popleft()
+            if run.after is not None and not run.after.is_file():
+                failed.append(run)
+                note(f"{run.folder}: its starting checkpoint {run.after} is missing")
+                continue
+            note(f"start {run.folder}")
+            active.append((run, _start(run, threads), time.perf_counter()))
+        time.sleep(1.0)
+        still = []
+        for run, process, began in active:
+            code = process.poll()
+            if code is None:
+                still.append((run, process, began))
+                continue
+            walls[str(run.folder)] = time.perf_counter() - began
+            if code != 0 or not run.done:
+                failed.append(run)
+                note(f"FAILED {run.folder} (exit {code}); see {run.folder / 'train.log'}")
+            else:
+                note(f"done  {run.folder} in {walls[str(run.folder)]:.0f} s")
+        active = still
+    if failed:
+        raise RuntimeError("failed runs: " + ", ".join(str(r.folder) for r in failed))
+    return walls
+
+
+def record_walls(walls: dict[str, float]) -> None:
+    """Add each run's wall time to its folder (``wall_time.txt``), for the report."""
+    for folder, seconds in walls.items():
+        (Path(folder) / "wall_time.txt").write_text(f"{seconds:.1f}\n")
