@@ -61,28 +61,23 @@ def evaluate(impl: str, multi: bool, interval: float, items: list, workers: int 
 VARIANTS = {"reference": ("reference", 1), "fast-1thread": ("fast", 1), "fast": ("fast", None)}
 
 
+# (interval, every k-th map, rounds): 100 CAM thresholds (the paper's tables) on 300 maps, and
+# 1000 (the protocol's default interval) on 30
+SETTINGS = {"interval_001": (0.01, 1, 3), "interval_0001": (0.001, 10, 2)}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("mode", ["single", "multi"])
-def test_box_interval_001(benchmark, variant, mode):
-    """100 CAM thresholds (the paper's tables), 300 maps."""
-    benchmark.group = f"box {mode}-contour, interval 0.01, 300 maps"
-    impl, threads = VARIANTS[variant]
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_box(benchmark, setting, variant, mode):
+    interval, every, rounds = SETTINGS[setting]
     _, items = workload()
-    evaluator = benchmark.pedantic(evaluate, args=(impl, mode == "multi", 0.01, items),
-                                   kwargs={"threads": threads}, rounds=3, iterations=1, warmup_rounds=1)
+    items = items[::every]
+    benchmark.group = f"box {mode}-contour, interval {interval}, {len(items)} maps"
+    impl, threads = VARIANTS[variant]
+    evaluator = benchmark.pedantic(evaluate, args=(impl, mode == "multi", interval, items),
+                                   kwargs={"threads": threads}, rounds=rounds, iterations=1, warmup_rounds=1)
     assert evaluator.count == len(items)
-
-
-@pytest.mark.parametrize("variant", list(VARIANTS))
-@pytest.mark.parametrize("mode", ["single", "multi"])
-def test_box_interval_0001(benchmark, variant, mode):
-    """1000 CAM thresholds (the protocol's default interval), 30 maps."""
-    benchmark.group = f"box {mode}-contour, interval 0.001, 30 maps"
-    impl, threads = VARIANTS[variant]
-    _, items = workload()
-    evaluator = benchmark.pedantic(evaluate, args=(impl, mode == "multi", 0.001, items[::10]),
-                                   kwargs={"threads": threads}, rounds=2, iterations=1, warmup_rounds=1)
-    assert evaluator.count == len(items[::10])
 
 
 def both_rules(impl: str, items: list, interval: float = 0.01) -> list[np.ndarray]:
