@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import time
+from functools import cache
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +43,10 @@ def make_step(case: str, impl: str):
     return lambda: trainer.train_step(images, labels), images.shape[0]
 
 
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@cache
 def step_flops(case: str) -> int:
     step, _ = make_step(case, "reference")
     with FlopCounterMode(display=False) as counter:
@@ -61,7 +67,9 @@ def matmul_flops_per_s(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> f
 @pytest.mark.parametrize("case", list(CASES))
 def test_step(benchmark, case, impl):
     step, batch = make_step(case, impl)
+    benchmark.group = f"step {case}"
     benchmark.extra_info["images_per_step"] = batch
+    benchmark.extra_info["flops"] = step_flops(case)  # for FLOP/s against test_matmul_peak's
     benchmark.pedantic(step, rounds=3, iterations=1)
 
 
@@ -69,6 +77,7 @@ def test_step(benchmark, case, impl):
 def test_matmul_peak(benchmark, dtype):
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     a, b = torch.randn(2048, 2048, dtype=torch_dtype), torch.randn(2048, 2048, dtype=torch_dtype)
+    benchmark.group = "matmul 2048x2048"
     benchmark.extra_info["flops"] = 2 * 2048**3
     benchmark.pedantic(lambda: a @ b, rounds=5, iterations=1, warmup_rounds=1)
 
@@ -92,9 +101,20 @@ def main() -> None:
                          "gflop_per_s": round(flops / seconds / 1e9, 1),
                          "of_bf16_peak": round(flops / seconds / peaks["bf16"], 3),
                          "of_fp32_peak": round(flops / seconds / peaks["fp32"], 3)})
-    print(json.dumps({"matmul_gflop_per_s": {k: round(v / 1e9, 1) for k, v in peaks.items()}}))
+    peak_line = {"matmul_gflop_per_s": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+                 "threads": torch.get_num_threads(),
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    print(json.dumps(peak_line))
     for row in rows:
         print(json.dumps(row))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "step.json").write_text(json.dumps({**peak_line, "rows": rows}, indent=2) + "\n")
+    lines = ["| case | impl | s / step | images / s | vs reference | GFLOP/s | of bf16 matmul peak |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['case']} | {r['impl']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} "
+              f"| {r['speedup']:.2f}x | {r['gflop_per_s']:.1f} | {100 * r['of_bf16_peak']:.1f} % |"
+              for r in rows]
+    (RESULTS / "step.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
