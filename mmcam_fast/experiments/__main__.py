@@ -22,7 +22,7 @@ from pathlib import Path
 from mmcam_fast.cli import run_main
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import report
-from mmcam_fast.experiments.execute import record_walls, run_all
+from mmcam_fast.experiments.execute import run_all
 from mmcam_fast.experiments.plan import Schedule, build_plan, select_variants
 
 _DEFAULT_SRC = Path(os.environ.get("MMCAM_SHARED_DATA", "../shared/data")) / "tiny-imagenet-5"
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     began = time.perf_counter()
     if not args.report_only:
         for stage in (pretrain, runs):
-            walls = run_all(stage, jobs, note=_note)
-            record_walls(walls)
+            run_all(stage, jobs, note=_note)
     study_wall = time.perf_counter() - began
 
     args.report_dir.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,7 @@ def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print) -> dict[st
                 still.append((run, process, began))
                 continue
             walls[str(run.folder)] = time.perf_counter() - began
+            record_walls({str(run.folder): walls[str(run.folder)]})  # at once: a stopped study keeps it
             if code != 0 or not run.done:
                 failed.append(run)
                 note(f"FAILED {run.folder} (exit {code}); see {run.folder / 'train.log'}")
