@@ -100,11 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         cam_run, minmax_run = sorted(pair, key=lambda r: r.name != "cam")
         report.plot_overlays(cam_run, minmax_run, data_root, args.report_dir / "overlays.png",
                              args.overlay_images)
+    prior = report.centre_prior(data_root)
     walls = [float((r.folder / "wall_time.txt").read_text()) for r in pretrain + runs
              if (r.folder / "wall_time.txt").is_file()]
     info = {"seeds": args.seeds, "schedule": vars(schedule), "runs": len(rows), "jobs": jobs,
             "sum_of_run_walls_s": round(sum(walls), 1),
-            "this_invocation_wall_s": round(study_wall, 1)}
+            "this_invocation_wall_s": round(study_wall, 1), "centre_prior": prior}
     (args.report_dir / "study.json").write_text(json.dumps(info, indent=2) + "\n")
     print(table)
     print(json.dumps(info))
