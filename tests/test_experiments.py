@@ -6,10 +6,12 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmcam_fast.experiments.__main__ import main
 from mmcam_fast.experiments.plan import GROUPS, PAPER, VARIANTS, Schedule, build_plan, select_variants
+from mmcam_fast.experiments.report import _smooth
 
 
 def test_plan_changes_one_thing_at_a_time_from_the_papers_setting(tmp_path):
@@ -37,6 +39,11 @@ def test_plan_changes_one_thing_at_a_time_from_the_papers_setting(tmp_path):
         assert run.flags["epochs"] == epochs and run.flags["lr_milestones"] == [epochs - 1]
 
 
+def test_moving_average_of_the_curves():
+    np.testing.assert_allclose(_smooth(np.array([1.0, 2.0, 3.0, 4.0]), 2), [1.0, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(_smooth(np.array([4.0, 0.0, 2.0]), 10), [4.0, 2.0, 2.0])
+
+
 def test_selecting_variants_by_name_or_group():
     assert [v.name for v in select_variants(["main"])] == ["cam", "minmaxcam"]
     assert {v.name for v in select_variants(["set_size", "cam"])} == {"cam", "minmaxcam", "S2", "S3", "S4"}
@@ -62,6 +69,10 @@ def test_a_cut_down_study_end_to_end(shared_data, tmp_path, capsys):
     # the fine-tuned runs start from the pretraining's weights, with their own lambdas
     final = json.loads((tmp_path / "runs" / "minmaxcam" / "seed0" / "final_metrics.json").read_text())
     assert len(final["val_history"]) == 2
+    study = json.loads((report / "study.json").read_text())
+    prior = study["centre_prior"]  # the same centred map for all 250 test images
+    assert prior["images"] == 250 and 0.0 < prior["mean_box_area_fraction"] <= 1.0
+    assert 0.0 <= prior["maxboxacc"] <= 100.0
     table = (report / "summary.md").read_text()
     assert table.startswith("| variant |") and "| minmaxcam | 1 | 1 | 5 | image |" in table
     # finished runs are not trained again
