@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_FLAGS ?= -q
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench experiments
 $(PY):
 	python3 -m venv $(VENV)
 
@@ -21,3 +21,6 @@ test: setup
 
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-only
+
+experiments: setup
+	$(PY) -m mmcam_fast.experiments
