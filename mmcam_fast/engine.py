@@ -130,13 +130,13 @@ class Trainer:
         if self.fast:
             self.kernels = ops.resolve_impl(None, self.device)
             if config.compile or (config.compile is None and self.device.type == "cuda"):
-                self._stage1 = torch.compile(self._stage1_forward)
+                self._stage1 = torch.compile(self._stage1_forward, dynamic=False)
                 # Static shapes every step (set batches): on CUDA the frozen-backbone pass, forward
                 # and input-gradient backward, is captured once in CUDA graphs and replayed.
                 # Parameters are static-address inputs of the graphs and the optimizer updates them
                 # in place, so a replay reads Stage I's new weights: no re-capture is needed.
                 mode = "reduce-overhead" if self.device.type == "cuda" and config.cuda_graphs else None
-                self._stage2 = torch.compile(self._stage2_forward, fullgraph=True, mode=mode)
+                self._stage2 = torch.compile(self._stage2_forward, fullgraph=True, mode=mode, dynamic=False)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
