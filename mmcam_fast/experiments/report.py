@@ -18,7 +18,7 @@ import numpy as np
 from mmcam_fast.experiments.plan import VARIANTS, Run, Variant
 
 METRICS = (("maxboxacc", "MaxBoxAcc"), ("maxboxacc_v2", "MaxBoxAccV2"), ("gt_known_loc", "GT-known Loc"),
-           ("top1_loc", "Top-1 Loc"), ("top1_cls", "Top-1 Cls"))
+           ("top1_loc", "Top-1 Loc"), ("top1_cls", "Top-1 Cls"), ("val_maxboxacc_v2", "val MaxBoxAccV2"))
 DISPERSION = (("dist_f", "d(f)"), ("dist_f_o", "d(f_o)"))
 _BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -58,7 +58,9 @@ def collect(runs: list[Run], data_root: Path, with_dispersion: bool = True) -> l
             "lambda_frr": variant.value("lambda_frr"), "set_size": variant.value("set_size"),
             "stage2_mask": run.flags.get("stage2_mask", "image"),
         }
-        row.update({key: final["test"].get(key) for key, _ in METRICS})
+        row.update({key: final["test"].get(key) for key, _ in METRICS if key in final["test"]})
+        # the selection score: the best validation MaxBoxAccV2 (the checkpoint the test numbers are of)
+        row["val_maxboxacc_v2"] = max((h["maxboxacc_v2"] for h in final["val_history"]), default=None)
         row["maxboxacc_threshold"] = final["test"].get("maxboxacc_threshold")
         if with_dispersion:
             dispersion = dispersion_of(run, data_root)
@@ -210,8 +212,11 @@ def plot_curves(runs: list[Run], pretrain: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sweeps(summary: list[dict[str, Any]], path: Path) -> None:
-    """MaxBoxAcc and MaxBoxAccV2 against lambda_crr, lambda_frr and S (mean ± std over seeds)."""
+def plot_sweeps(summary: list[dict[str, Any]], path: Path, prior: dict[str, Any] | None = None) -> None:
+    """MaxBoxAcc and MaxBoxAccV2 against lambda_crr, lambda_frr and S (mean ± std over seeds).
+
+    Plain CAM and, when given, the centre prior (:func:`centre_prior`) are drawn as lines.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -233,6 +238,9 @@ def plot_sweeps(summary: list[dict[str, Any]], path: Path) -> None:
                         marker="o", capsize=3, color=color, label=title)
             if "cam" in by_name:
                 ax.axhline(by_name["cam"][key], color=color, linestyle=":", label=f"{title}, plain CAM")
+            if prior is not None:
+                ax.axhline(prior[key], color=color, linestyle="--", alpha=0.5,
+                           label=f"{title}, centre prior (no model)")
         ax.set_xticks(range(len(members)), ticks)
         ax.set(xlabel=label, ylabel="% (test)", title=f"effect of {label.split(' ')[0]}")
         ax.legend(fontsize=8)
