@@ -53,3 +53,33 @@ def test_loc_accuracy_bad_input():
         evaluator.accumulate(MAPS["a"], "a", [])
     with pytest.raises(DataError, match=r"score map of image a: .*NaN"):
         evaluator.accumulate(np.full((224, 224), np.nan), "a", [1])
+
+
+def test_loc_accuracy_fed_from_the_box_evaluators_pass_equals_its_own():
+    # evaluations give LocAccuracyEvaluator the MaxBoxAcc evaluator's booleans (one trace per map)
+    from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes
+
+    rng = np.random.default_rng(4)
+    maps = dict(MAPS)
+    for image_id in maps:  # noisy versions of the blobs, so thresholds differ
+        noisy = np.clip(maps[image_id] * 0.8 + 0.2 * rng.random((224, 224)), 0, 1)
+        maps[image_id] = (noisy - noisy.min()) / (noisy.max() - noisy.min())
+    own = LocAccuracyEvaluator(GT, LABELS)
+    fed = LocAccuracyEvaluator(GT, LABELS)
+    single = BoxEvaluator(GT, iou_thresholds=[50])
+    seen = []
+
+    def on_image(image_id, results):
+        seen.append(image_id)
+        fed.add(results[0][0], image_id, TOPK[image_id])
+
+    for image_id, scoremap in maps.items():
+        own.accumulate(scoremap, image_id, TOPK[image_id])
+    assert accumulate_boxes([single], maps.items(), threads=2, on_image=on_image) == len(maps)
+    assert seen == list(maps)  # input order, whatever the threads
+    assert fed.compute() == own.compute()
+    np.testing.assert_array_equal(fed.gt_known, single.num_correct[0])
+    with pytest.raises(ValueError, match="booleans for 100 CAM thresholds"):
+        fed.add(np.zeros(3, bool), "a", [1])
+    with pytest.raises(DataError, match="image zz: no label"):
+        fed.add(np.zeros(100, bool), "zz", [1])

@@ -11,7 +11,8 @@ Both feed the same counts, so every number agrees exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -143,7 +144,8 @@ def _image_job(item: tuple[str, np.ndarray, np.ndarray], cam_thresholds: np.ndar
 
 
 def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tuple[str, np.ndarray]],
-                     workers: int = 1, check: bool = True, threads: int | None = None) -> int:
+                     workers: int = 1, check: bool = True, threads: int | None = None,
+                     on_image: Callable[[str, list[np.ndarray]], None] | None = None) -> int:
     """Feed ``(image_id, scoremap)`` pairs to several evaluators in one pass, optionally in parallel.
 
     The evaluators must share their ground truth, CAM thresholds and implementation (they may
@@ -157,6 +159,8 @@ def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tup
             The numbers do not depend on it (each image's counts are computed whole, in one thread,
             and added in input order).
         check: validate each map (skip only for maps validated already, e.g. by ``iter_scoremaps``).
+        on_image: called in input order with each image's id and its booleans per evaluator (after
+            they are added), e.g. to feed a :class:`LocAccuracyEvaluator` without tracing again.
 
     Returns:
         The number of images added.
@@ -168,8 +172,11 @@ def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tup
             raise ValueError("accumulate_boxes: evaluators must share ground truth, CAM thresholds and impl")
     specs = [(e.iou_thresholds, e.multi_contour) for e in evaluators]
 
+    ids: deque[str] = deque()
+
     def payloads():
         for image_id, scoremap in scoremaps:
+            ids.append(image_id)
             scoremap = check_scoremap(scoremap, image_id) if check else np.asarray(scoremap, dtype=np.float64)
             # the fast path needs only the uint8 map: a quarter of the bytes to ship to a worker
             payload = scoremap if first.impl == "reference" else to_uint8(scoremap)
@@ -180,5 +187,8 @@ def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tup
     for results in ordered_map(job, payloads(), workers, threads=resolve_threads(threads)):
         for evaluator, correct in zip(evaluators, results, strict=True):
             evaluator.add(correct)
+        image_id = ids.popleft()
+        if on_image is not None:
+            on_image(image_id, results)
         added += 1
     return added

@@ -86,12 +86,29 @@ class LocAccuracyEvaluator:
         """
         if image_id not in self.gt_boxes or image_id not in self.labels:
             raise DataError(f"image {image_id}: no ground-truth box or label in the metadata")
-        if len(topk) == 0:
-            raise DataError(f"image {image_id}: empty list of predicted classes")
         if check:
             scoremap = check_scoremap(scoremap, image_id)
         loc = box_correct(scoremap, self.gt_boxes[image_id], self.cam_thresholds, [self.iou_threshold],
                           self.multi_contour, self.impl)[0]
+        self.add(loc, image_id, topk)
+
+    def add(self, loc: np.ndarray, image_id: str, topk: Sequence[int]) -> None:
+        """Add one image whose box correctness per CAM threshold is known already.
+
+        Args:
+            loc: ``[len(cam_thresholds)]`` booleans, e.g. the row of a :class:`BoxEvaluator` with the
+                same thresholds, IoU threshold and contour rule (evaluations then trace each map once).
+            image_id: the image.
+            topk: predicted classes, best first.
+        """
+        if image_id not in self.labels:
+            raise DataError(f"image {image_id}: no label in the metadata")
+        if len(topk) == 0:
+            raise DataError(f"image {image_id}: empty list of predicted classes")
+        loc = np.asarray(loc, dtype=bool)
+        if loc.shape != self.cam_thresholds.shape:
+            raise ValueError(f"image {image_id}: {loc.shape} booleans for "
+                             f"{len(self.cam_thresholds)} CAM thresholds")
         label = self.labels[image_id]
         top1 = int(topk[0]) == label
         top5 = label in [int(c) for c in topk[:5]]
