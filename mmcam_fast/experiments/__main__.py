@@ -23,7 +23,7 @@ from mmcam_fast.cli import run_main
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import report
 from mmcam_fast.experiments.execute import run_all
-from mmcam_fast.experiments.plan import Schedule, build_plan, select_variants
+from mmcam_fast.experiments.plan import IMAGE_SIZE, Schedule, build_plan, select_variants
 
 _DEFAULT_SRC = Path(os.environ.get("MMCAM_SHARED_DATA", "../shared/data")) / "tiny-imagenet-5"
 
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
             run_all(stage, jobs, note=_note)
 
     args.report_dir.mkdir(parents=True, exist_ok=True)
-    rows = report.collect(runs, data_root, with_dispersion=not args.no_dispersion)
+    from mmcam_fast.data.loaders import build_datasets
+
+    test = build_datasets("tiny-imagenet", data_root, image_size=IMAGE_SIZE).test  # every run's test split
+    rows = report.collect(runs, None if args.no_dispersion else test)
     if not rows:
         raise ConfigError(f"{args.out}: no finished run to report")
     summary = report.summarize(rows)
@@ -92,13 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     table = report.markdown_table(summary)
     (args.report_dir / "summary.md").write_text(table)
     report.plot_curves(runs, pretrain, args.report_dir / "curves.png")
-    prior = report.centre_prior(data_root)
+    prior = report.centre_prior(test.metadata)
     report.plot_sweeps(summary, args.report_dir / "sweeps.png", prior)
     seed = args.seeds[0]
     pair = [r for r in runs if r.seed == seed and r.name in ("cam", "minmaxcam") and r.done]
     if len(pair) == 2 and args.overlay_images > 0:
         cam_run, minmax_run = sorted(pair, key=lambda r: r.name != "cam")
-        report.plot_overlays(cam_run, minmax_run, data_root, args.report_dir / "overlays.png",
+        report.plot_overlays(cam_run, minmax_run, test, args.report_dir / "overlays.png",
                              args.overlay_images)
     study_wall = time.perf_counter() - began
     walls = [float((r.folder / "wall_time.txt").read_text()) for r in pretrain + runs

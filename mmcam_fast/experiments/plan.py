@@ -16,6 +16,7 @@ from typing import Any
 
 # The paper's setting for ResNet backbones: lambda_crr = lambda_frr = 1, S = 5.
 PAPER = {"lambda_crr": 1.0, "lambda_frr": 1.0, "set_size": 5}
+IMAGE_SIZE = 64  # Tiny ImageNet's own resolution
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ def variant_run(out: Path, data_root: Path, seed: int, schedule: Schedule, varia
 def _common(data_root: Path, seed: int, schedule: Schedule) -> dict[str, Any]:
     flags: dict[str, Any] = {
         "data": "tiny-imagenet", "data_root": str(data_root), "backbone": "resnet18", "seed": seed,
+        "image_size": IMAGE_SIZE,
         "lr": schedule.lr, "sets_per_batch": schedule.sets_per_batch, "loader": "torch", "workers": 0,
         "log_every": 10,
     }

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from mmcam_fast.data.datasets import WSOLDataset
+from mmcam_fast.data.metadata import WSOLMetadata
 from mmcam_fast.experiments.plan import VARIANTS, Run, Variant
 
 METRICS = (("maxboxacc", "MaxBoxAcc"), ("maxboxacc_v2", "MaxBoxAccV2"), ("gt_known_loc", "GT-known Loc"),
@@ -29,24 +31,23 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def dispersion_of(run: Run, data_root: Path, device: str = "cpu") -> dict[str, Any]:
+def dispersion_of(run: Run, test: WSOLDataset, device: str = "cpu") -> dict[str, Any]:
     """The Sec. 4.3 analysis of a finished run's selected model on the test split (cached in the run)."""
     cache = run.folder / "dispersion.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     from mmcam_fast.analysis import feature_dispersion
-    from mmcam_fast.data.loaders import build_datasets
     from mmcam_fast.localization import load_trained_model
 
-    model, config, _ = load_trained_model(run.folder / "checkpoints" / "best.pt", device)
-    data = build_datasets("tiny-imagenet", data_root, image_size=config.image_size)
-    result = feature_dispersion(model, data.test, device=device)
+    model, _, _ = load_trained_model(run.folder / "checkpoints" / "best.pt", device)
+    result = feature_dispersion(model, test, device=device)
     cache.write_text(json.dumps(result, indent=2))
     return result
 
 
-def collect(runs: list[Run], data_root: Path, with_dispersion: bool = True) -> list[dict[str, Any]]:
-    """One row per finished variant run: settings, test metrics, dispersion, wall time."""
+def collect(runs: list[Run], test: WSOLDataset | None) -> list[dict[str, Any]]:
+    """One row per finished variant run: settings, test metrics, wall time, and the dispersion
+    analysis on ``test`` (the test split, shared by every run; None skips the analysis)."""
     rows = []
     for run in runs:
         if not run.done:
@@ -62,8 +63,8 @@ def collect(runs: list[Run], data_root: Path, with_dispersion: bool = True) -> l
         # the selection score: the best validation MaxBoxAccV2 (the checkpoint the test numbers are of)
         row["val_maxboxacc_v2"] = max((h["maxboxacc_v2"] for h in final["val_history"]), default=None)
         row["maxboxacc_threshold"] = final["test"].get("maxboxacc_threshold")
-        if with_dispersion:
-            dispersion = dispersion_of(run, data_root)
+        if test is not None:
+            dispersion = dispersion_of(run, test)
             row.update(dist_f=dispersion["f"]["mean"], dist_f_std=dispersion["f"]["std"],
                        dist_f_o=dispersion["f_o"]["mean"], dist_f_o_std=dispersion["f_o"]["std"])
         wall = run.folder / "wall_time.txt"
@@ -127,17 +128,15 @@ def markdown_table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def centre_prior(data_root: Path) -> dict[str, Any]:
+def centre_prior(metadata: WSOLMetadata) -> dict[str, Any]:
     """What localization without a model scores on the test split: the same centred map for every image.
 
     Thresholding a centred isotropic Gaussian at the protocol's CAM thresholds gives centred square
     boxes of every size, so its MaxBoxAcc is that of the best single centred box for all images.
     Also the mean fraction of the image that the ground-truth boxes cover.
     """
-    from mmcam_fast.data.loaders import build_datasets
     from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 
-    metadata = build_datasets("tiny-imagenet", data_root, image_size=64).test.metadata
     boxes = gt_boxes_224(metadata)
     ys, xs = np.mgrid[0:224, 0:224]
     gaussian = np.exp(-((xs - 111.5) ** 2 + (ys - 111.5) ** 2) / (2 * 56.0**2))
@@ -249,7 +248,7 @@ def plot_sweeps(summary: list[dict[str, Any]], path: Path, prior: dict[str, Any]
     plt.close(fig)
 
 
-def plot_overlays(cam_run: Run, minmax_run: Run, data_root: Path, path: Path, count: int = 8) -> list[str]:
+def plot_overlays(cam_run: Run, minmax_run: Run, test: WSOLDataset, path: Path, count: int = 8) -> list[str]:
     """Test images with the CAM and MinMaxCAM score maps side by side, each model's MaxBoxAcc box."""
     import matplotlib
 
@@ -257,25 +256,21 @@ def plot_overlays(cam_run: Run, minmax_run: Run, data_root: Path, path: Path, co
     import cv2
     import matplotlib.pyplot as plt
 
-    from mmcam_fast.data.loaders import build_datasets
     from mmcam_fast.evaluation import gt_boxes_224, overlay_image
     from mmcam_fast.localization import image_224, load_trained_model, predict_scoremaps
 
+    step = max(1, len(test) // count)  # spread over the split
+    picked = range(0, step * count, step)[:count]
+    ids = [test.image_id(k) for k in picked]
+    boxes = gt_boxes_224(test.metadata)
+    images = [image_224(test.image_path(k)) for k in picked]
     columns = []
-    ids: list[str] = []
     for run in (cam_run, minmax_run):
-        model, config, _ = load_trained_model(run.folder / "checkpoints" / "best.pt")
-        data = build_datasets("tiny-imagenet", data_root, image_size=config.image_size)
-        test = data.test
-        step = max(1, len(test) // count)  # spread over the split
-        picked = list(range(0, step * count, step))[:count]
+        model, _, _ = load_trained_model(run.folder / "checkpoints" / "best.pt")
         threshold = json.loads((run.folder / "final_metrics.json").read_text())["test"]["maxboxacc_threshold"]
-        ids = [test.image_id(k) for k in picked]
         maps = {i: s for i, s, _, _ in predict_scoremaps(model, test) if i in set(ids)}
-        boxes = gt_boxes_224(test.metadata)
-        index = {image_id: k for k, image_id in enumerate(test.image_ids)}
-        pictures = [overlay_image(image_224(test.image_path(index[i])), maps[i], boxes[i], threshold,
-                                  image_id=i) for i in ids]
+        pictures = [overlay_image(image, maps[i], boxes[i], threshold, image_id=i)
+                    for image, i in zip(images, ids, strict=True)]
         columns.append((run.name, threshold, pictures))
     fig, axes = plt.subplots(len(columns), count, figsize=(2.2 * count, 2.5 * len(columns)))
     for row, (name, threshold, pictures) in enumerate(columns):
