@@ -8,6 +8,12 @@ Cases: resnet50_cam at 224 (N=2, S=5) and resnet18_cam at 64 (N=4, S=5), each wi
 torch.compile) and ``fast-compiled`` (the fast engine with ``--compile``). The same run
 measures this machine's matmul throughput (bf16 and fp32) so that the step's achieved FLOP/s can be
 given as a fraction of it; the step's FLOPs are counted with ``torch.utils.flop_counter``.
+
+The script also measures what bounds the ratio: the throughput of a 3x3 convolution in bf16 and in
+fp32 (oneDNN, channels-last; on CPUs without AMX bf16 convolutions are faster than the bf16 matmul) and,
+with ``torch.profiler``, the time each step spends inside convolution kernels (forward and backward).
+The reference step's time divided by the fast step's convolution time is the most the fast step could
+gain if every other operation were free.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmcam_fast.config import TrainConfig
@@ -55,17 +63,47 @@ def step_flops(case: str) -> int:
     return counter.get_total_flops()
 
 
-def matmul_flops_per_s(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """Best of ``repeats`` timed n x n matmuls, after two untimed ones."""
+def matmul_flops_per_s(dtype: torch.dtype, n: int = 4096) -> float:
+    """Best of five timed n x n matmuls, after two untimed ones."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best_seconds(lambda: a @ b)
+
+
+def best_seconds(fn, repeats: int = 5) -> float:
+    """Best of ``repeats`` timed calls, after two untimed ones."""
     for _ in range(2):
-        a @ b
+        fn()
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        fn()
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return best
+
+
+def conv3x3(dtype: torch.dtype):
+    """A 3x3 convolution 256 -> 256 channels at 56 x 56, batch 8, channels-last (oneDNN): (call, FLOPs)."""
+    x = torch.randn(8, 256, 56, 56, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return (lambda: F.conv2d(x, w, padding=1)), 2 * 8 * 56 * 56 * 256 * 256 * 9
+
+
+def conv_flops_per_s(dtype: torch.dtype) -> float:
+    call, flops = conv3x3(dtype)
+    return flops / best_seconds(call)
+
+
+# oneDNN convolutions and their backward; the THNN ones are what fp32 1x1 convolutions with a batch
+# under 16 get in a single-threaded process (a dispatch rule of torch's, slower than oneDNN here).
+CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward",
+            "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward")
+
+
+def conv_seconds(step) -> float:
+    """Seconds one step spends inside convolution kernels (self time, forward and backward)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_OPS) / 1e6
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
@@ -76,6 +114,14 @@ def test_step(benchmark, case, impl):
     benchmark.extra_info["images_per_step"] = batch
     benchmark.extra_info["flops"] = step_flops(case)  # for FLOP/s against test_matmul_peak's
     benchmark.pedantic(step, rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_conv_peak(benchmark, dtype):
+    call, flops = conv3x3(torch.bfloat16 if dtype == "bf16" else torch.float32)
+    benchmark.group = "conv3x3 256->256 56x56 batch 8 channels-last"
+    benchmark.extra_info["flops"] = flops
+    benchmark.pedantic(call, rounds=5, iterations=1, warmup_rounds=2)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
@@ -93,24 +139,30 @@ def main(threads: int | None = None) -> None:
         torch.set_num_threads(threads)
     suffix = "" if threads is None else f"_{threads}thread"
     peaks = {"bf16": matmul_flops_per_s(torch.bfloat16), "fp32": matmul_flops_per_s(torch.float32)}
+    conv_peaks = {"bf16": conv_flops_per_s(torch.bfloat16), "fp32": conv_flops_per_s(torch.float32)}
     rows = []
     for case in CASES:
         flops = step_flops(case)
-        times = {}
+        times, conv = {}, {}
         for impl in IMPLS:
             step, batch = make_step(case, impl)
             start = time.perf_counter()
             for _ in range(3):
                 step()
             times[impl] = (time.perf_counter() - start) / 3
+            conv[impl] = conv_seconds(step)  # one more step, under the profiler
         for impl, seconds in times.items():
             rows.append({"case": case, "impl": impl, "step_s": round(seconds, 3),
                          "images_per_s": round(batch / seconds, 2),
                          "speedup": round(times["reference"] / seconds, 2),
                          "gflop_per_s": round(flops / seconds / 1e9, 1),
                          "of_bf16_peak": round(flops / seconds / peaks["bf16"], 3),
-                         "of_fp32_peak": round(flops / seconds / peaks["fp32"], 3)})
+                         "of_fp32_peak": round(flops / seconds / peaks["fp32"], 3),
+                         "of_bf16_conv": round(flops / seconds / conv_peaks["bf16"], 3),
+                         "conv_s": round(conv[impl], 3),
+                         "speedup_bound": round(times["reference"] / conv[impl], 2)})
     peak_line = {"matmul_gflop_per_s": {k: round(v / 1e9, 1) for k, v in peaks.items()},
+                 "conv3x3_gflop_per_s": {k: round(v / 1e9, 1) for k, v in conv_peaks.items()},
                  "threads": torch.get_num_threads(),
                  "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     print(json.dumps(peak_line))
@@ -118,11 +170,17 @@ def main(threads: int | None = None) -> None:
         print(json.dumps(row))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"step{suffix}.json").write_text(json.dumps({**peak_line, "rows": rows}, indent=2) + "\n")
-    lines = ["| case | impl | s / step | images / s | vs reference | GFLOP/s | of bf16 matmul peak |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | impl | s / step | images / s | vs reference | GFLOP/s | of bf16 matmul peak "
+             "| of bf16 conv peak | s in conv kernels | bound: reference s / conv s |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['case']} | {r['impl']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} "
-              f"| {r['speedup']:.2f}x | {r['gflop_per_s']:.1f} | {100 * r['of_bf16_peak']:.1f} % |"
+              f"| {r['speedup']:.2f}x | {r['gflop_per_s']:.1f} | {100 * r['of_bf16_peak']:.1f} % "
+              f"| {100 * r['of_bf16_conv']:.1f} % | {r['conv_s']:.3f} | {r['speedup_bound']:.2f}x |"
               for r in rows]
+    lines += ["", f"Threads {peak_line['threads']}, {peak_line['cpu_capability']}; GFLOP/s: "
+              f"matmul 4096^2 bf16 {peak_line['matmul_gflop_per_s']['bf16']}, "
+              f"fp32 {peak_line['matmul_gflop_per_s']['fp32']}; 3x3 conv bf16 "
+              f"{peak_line['conv3x3_gflop_per_s']['bf16']}, fp32 {peak_line['conv3x3_gflop_per_s']['fp32']}."]
     (RESULTS / f"step{suffix}.md").write_text("\n".join(lines) + "\n")
 
 
