@@ -9,15 +9,14 @@ ground-truth boxes of 150 CUB test and 150 ILSVRC val images, a quarter of them 
 
 from __future__ import annotations
 
-import os
 import time
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mmcam_fast.data.metadata import load_metadata
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
@@ -25,8 +24,7 @@ from mmcam_fast.evaluation.parallel import resolve_threads
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 from mmcam_fast.evaluation.thresholds import cam_thresholds
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-META = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED)) / "wsol-metadata"
+META = shared_data_dir() / "wsol-metadata"
 PER_DATASET = 150
 # what an evaluation of a box data set computes: MaxBoxAcc (largest contour, IoU 50) and
 # MaxBoxAccV2 (every contour, IoU 30 / 50 / 70)

@@ -27,9 +27,9 @@ import pytest
 from mmcam_fast.data.dali import dali_available
 from mmcam_fast.data.loaders import DataSplits, build_datasets, build_loader, set_batch_sampler
 from mmcam_fast.data.prepare import prepare_voc
+from mmcam_fast.data.shared import shared_data_dir
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 WORKERS = 2
 CASES = {"fruit-voc": (224, 3, 5, 3), "tiny-imagenet-5": (64, 5, 5, 1)}  # size, N sets, S images, epochs
 LOADERS = {"torch": {"backend": "torch"},

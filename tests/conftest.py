@@ -21,8 +21,6 @@ def finished_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shared_data():
     """The project's real data folder (``$MMCAM_SHARED_DATA``, else ``../shared/data`` of the checkout)."""
-    import os
-    from pathlib import Path
+    from mmcam_fast.data.shared import shared_data_dir
 
-    default = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-    return Path(os.environ.get("MMCAM_SHARED_DATA", default))
+    return shared_data_dir()

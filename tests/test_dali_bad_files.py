@@ -25,14 +25,14 @@ from mmcam_fast.data.dali import DaliLoader, dali_available
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.data.metadata import WSOLMetadata
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.data.transforms import IMAGENET_STD, eval_transform
 from mmcam_fast.errors import DataError
 
 pytestmark = [pytest.mark.dali,
               pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")]
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 TINY = DATA / "tiny-imagenet-5" / "train" / "n01443537" / "images"
 PHOTO = DATA / "fruit-voc" / "train" / "apple_1.jpg"
 LARGEST = DATA / "fruit-voc" / "train" / "banana_57.jpg"  # 2569 x 4605

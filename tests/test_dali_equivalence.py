@@ -10,7 +10,6 @@ column, where PIL renormalizes the part of the filter inside the image and DALI 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,13 @@ from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.images import image_size, load_rgb
 from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.data.metadata import WSOLMetadata
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 pytestmark = [pytest.mark.dali,
               pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")]
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 # The bound, in 8-bit levels (README): one level away from the border; on downscaling, the outermost
 # row and column of the resized image (measured at most 26 levels on these images); and on average.
 INTERIOR_LEVELS = 1.0

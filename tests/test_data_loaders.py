@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +12,10 @@ from PIL import Image
 from mmcam_fast.data.loaders import DATA_NAMES, build_datasets, build_loader, set_batch_sampler
 from mmcam_fast.data.metadata import write_metadata
 from mmcam_fast.data.prepare import prepare_voc
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import ConfigError, DataError
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 WSOL = DATA / "wsol-metadata"
 SYNTHETIC = {"num_classes": 4, "train_per_class": 10, "val_per_class": 2, "test_per_class": 2, "size": 32}
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -19,10 +17,10 @@ from mmcam_fast.data.prepare import (
     prepare_voc,
     read_class_names,
 )
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 TINY, FRUIT = DATA / "tiny-imagenet-5", DATA / "fruit-voc"
 
 

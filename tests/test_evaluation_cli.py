@@ -2,19 +2,18 @@
 
 import json
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from mmcam_fast.data.metadata import load_metadata, write_metadata
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.evaluate import main
 from mmcam_fast.evaluation import BoxEvaluator, MaskEvaluator, gt_boxes_224, save_scoremaps
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 META = DATA / "wsol-metadata"
 SAMPLE_MASKS = META / "openimages-sample" / "test_masks"
 

@@ -9,14 +9,13 @@ all contours, at intervals 0.01 and 0.001, and each way of deciding a threshold 
 hole pass, tracing) must be exercised.
 """
 
-import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from mmcam_fast.data.metadata import load_metadata
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.box_fast import box_correct_fast, box_correct_fast_u8_rules, to_uint8
@@ -24,8 +23,7 @@ from mmcam_fast.evaluation.box_reference import box_correct_reference
 from mmcam_fast.evaluation.level_sets import foreground_bbox
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 META = DATA / "wsol-metadata"
 TAUS_100 = np.arange(0, 1, 0.01)
 TAUS_1000 = np.arange(0, 1, 0.001)

@@ -2,19 +2,18 @@
 reference, and on the real OpenImages sample masks."""
 
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
 from mmcam_fast.data.metadata import load_metadata, write_metadata
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import MaskEvaluator, load_gt_mask, pxap_from_histograms
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATA = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED))
+DATA = shared_data_dir()
 META = DATA / "wsol-metadata"
 SAMPLE_MASKS = META / "openimages-sample" / "test_masks"
 IMPLS = ["reference", "fast"]

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 
 from mmcam_fast.data.metadata import load_metadata, write_metadata
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 
-_DEFAULT_SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-META = Path(os.environ.get("MMCAM_SHARED_DATA", _DEFAULT_SHARED)) / "wsol-metadata"
+META = shared_data_dir() / "wsol-metadata"
 
 # (folder, images, classes, boxes or mask lines) counted independently with wc / sort | uniq.
 REAL = [

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import report
 from mmcam_fast.experiments.execute import run_all
 from mmcam_fast.experiments.plan import IMAGE_SIZE, Schedule, build_plan, select_variants
 
-_DEFAULT_SRC = Path(os.environ.get("MMCAM_SHARED_DATA", "../shared/data")) / "tiny-imagenet-5"
+_DEFAULT_SRC = shared_data_dir() / "tiny-imagenet-5"
 
 
 def _note(message: str) -> None:
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, default=_DEFAULT_SRC,
                         help="the raw Tiny-ImageNet-5 folder (default: $MMCAM_SHARED_DATA/tiny-imagenet-5, "
-                             "else ../shared/data/tiny-imagenet-5)")
+                             "else ../shared/data/tiny-imagenet-5 beside the checkout)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"), help="run folders")
     parser.add_argument("--report-dir", type=Path, default=Path("experiments/tiny-imagenet-5"),
                         help="tables and plots (the README shows this folder's files)")
