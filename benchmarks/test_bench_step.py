@@ -5,7 +5,8 @@
 
 Cases: resnet50_cam at 224 (N=2, S=5) and resnet18_cam at 64 (N=4, S=5), each with ids
 ``reference`` and ``fast`` (the fast engine as a run gets it by default: on CPU without
-torch.compile) and ``fast-compiled`` (the fast engine with ``--compile``). The same run
+torch.compile), ``fast-compiled`` (the fast engine with ``--compile``) and ``fast-no-fold`` (the
+fast engine with ``--no-fold-bn``: Stage II's BatchNorm not folded into the convolutions). The same run
 measures this machine's matmul throughput (bf16 and fp32) so that the step's achieved FLOP/s can be
 given as a fraction of it; the step's FLOPs are counted with ``torch.utils.flop_counter``.
 
@@ -35,7 +36,8 @@ from mmcam_fast.models import create_model
 
 CASES = {"resnet50_224": ("resnet50", 224, 2), "resnet18_64": ("resnet18", 64, 4)}
 IMPLS = {"reference": {"impl": "reference"}, "fast": {"impl": "fast"},
-         "fast-compiled": {"impl": "fast", "compile": True}}
+         "fast-compiled": {"impl": "fast", "compile": True},
+         "fast-no-fold": {"impl": "fast", "fold_bn": False}}
 SET_SIZE = 5
 
 

@@ -54,6 +54,7 @@ class TrainConfig:
     compile: bool | None = None
     channels_last: bool = True  # fast engine: channels-last memory format end to end
     cuda_graphs: bool = True  # fast engine on CUDA: Stage II replayed from CUDA graphs
+    fold_bn: bool = True  # fast engine under autocast: Stage II's eval-mode BatchNorm folded into convs
     bad_images: str = "error"  # or "skip": substitute another image of the same class, counted
     log_every: int = 10
     eval_every: int = 1  # epochs; 0 disables per-epoch validation

@@ -47,6 +47,8 @@ _HELP = {
     "compile": "fast engine: torch.compile Stage I and II (default: on CUDA only)",
     "channels_last": "fast engine: channels-last memory format",
     "cuda_graphs": "fast engine on CUDA: replay Stage II from CUDA graphs (compile mode reduce-overhead)",
+    "fold_bn": "fast engine under autocast (bf16/fp16): fold Stage II's eval-mode BatchNorm into the "
+               "convolutions before it",
     "bad_images": "unreadable image: error (stop, naming the file) or skip (substitute, counted)",
     "loader": "data loading backend: auto (DALI when installed), dali, torch",
     "log_every": "steps between metric flushes to metrics.jsonl",

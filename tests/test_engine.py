@@ -74,3 +74,21 @@ def test_metric_log_writes_every_step_at_the_interval(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert [r["ce"] for r in rows] == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_loading_a_checkpoint_keeps_this_trainers_optimizer_kernel():
+    """A reference (foreach) checkpoint resumed by the fast engine keeps fused SGD, and back."""
+    model, reference, images, labels = _setup()
+    reference.train_step(images, labels)
+    fast = Trainer(create_model("resnet18", 3), TrainConfig(set_size=2, sets_per_batch=2, impl="fast",
+                                                            compile=False))
+    assert fast._fused and all(g["fused"] for g in fast.optimizer.param_groups)
+    fast.load_state_dict(reference.state_dict())
+    assert all(g["fused"] and not g["foreach"] for g in fast.optimizer.param_groups)
+    reference.load_state_dict(fast.state_dict())
+    assert all(g["foreach"] and not g["fused"] for g in reference.optimizer.param_groups)
+    pairs = zip(reference.optimizer.param_groups[0]["params"], fast.optimizer.param_groups[0]["params"],
+                strict=True)
+    for p_ref, p_fast in pairs:
+        torch.testing.assert_close(reference.optimizer.state[p_ref]["momentum_buffer"],
+                                   fast.optimizer.state[p_fast]["momentum_buffer"])
