@@ -85,8 +85,10 @@ class FoldedBackbone:
             target = dtype or conv.weight.dtype
             fmt = (torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last)
                    and not conv.weight.is_contiguous() else torch.contiguous_format)
-            if folded.weight.dtype != target or not folded.weight.is_contiguous(memory_format=fmt):
-                # first call, or a new dtype / layout: new storage once, then copied into every step
+            if (folded.weight.dtype != target or folded.weight.device != weight.device
+                    or not folded.weight.is_contiguous(memory_format=fmt)):
+                # first call, or a new dtype / device / layout: new storage once, then copied into
+                # every step
                 folded.weight.data = torch.empty_like(weight, dtype=target, memory_format=fmt)
                 folded.bias.data = torch.empty_like(bias, dtype=target)
             folded.weight.copy_(weight)
