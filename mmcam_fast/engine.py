@@ -248,8 +248,8 @@ class Trainer:
         if self.fast:
             if self.folded is not None:
                 # Stage I's new weights and BatchNorm statistics into the folded convolutions (in
-                # place); kept in bf16 under bf16 autocast (no cast per pass), in fp32 otherwise
-                # (fp16 could overflow where a BatchNorm variance is tiny).
+                # place); kept in bf16 under bf16 autocast (no cast per pass), in fp32 under fp16
+                # autocast (a folded weight could overflow fp16 where a BatchNorm variance is tiny).
                 self.folded.refresh(torch.bfloat16 if self.amp_dtype == torch.bfloat16 else None)
             with eval_mode(plain.backbone):
                 crr, frr = self._stage2(images, labels)

@@ -174,3 +174,15 @@ def test_folded_stage2_traces_whole_without_graph_breaks():
         explanation = torch._dynamo.explain(trainer._stage2_forward)(images, labels)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_modules_left_unfolded_are_the_live_ones():
+    """A conv without a BatchNorm after it stays the backbone's own module (its updates show)."""
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 1)).eval()
+    folded = FoldedBackbone.build(backbone)
+    assert len(folded.pairs) == 1 and folded.module.get_submodule("3") is backbone[3]
+    folded.refresh()
+    with torch.no_grad():
+        backbone[3].weight.mul_(-2.0)
+        images = torch.randn(2, 3, 8, 8)
+        torch.testing.assert_close(folded.module(images), backbone(images), rtol=1e-5, atol=1e-6)
