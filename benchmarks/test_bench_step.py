@@ -65,12 +65,6 @@ def step_flops(case: str) -> int:
     return counter.get_total_flops()
 
 
-def matmul_flops_per_s(dtype: torch.dtype, n: int = 4096) -> float:
-    """Best of five timed n x n matmuls, after two untimed ones."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / best_seconds(lambda: a @ b)
-
-
 def best_seconds(fn, repeats: int = 5) -> float:
     """Best of ``repeats`` timed calls, after two untimed ones."""
     for _ in range(2):
@@ -81,6 +75,12 @@ def best_seconds(fn, repeats: int = 5) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def matmul_flops_per_s(dtype: torch.dtype, n: int = 4096) -> float:
+    """Best of five timed n x n matmuls, after two untimed ones."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / best_seconds(lambda: a @ b)
 
 
 def conv3x3(dtype: torch.dtype):
