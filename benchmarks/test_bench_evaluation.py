@@ -14,9 +14,9 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
+from shared_data import shared_data_dir
 
 from mmcam_fast.data.metadata import load_metadata
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference

@@ -7,10 +7,10 @@ import dataclasses
 import sys
 import types
 import typing
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
 
-from mmcam_fast.errors import MMCamError
+from mmcam_fast.errors import ConfigError, MMCamError
 
 _BOOL_STRINGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
@@ -22,10 +22,16 @@ def _parse_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}") from None
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
+                        defaults: Mapping[str, str] | None = None) -> None:
     """One ``--kebab-case`` flag per dataclass field; every default is None so presets can apply.
 
     Booleans take ``--flag`` / ``--no-flag``; lists take several values; ``X | None`` takes X.
+
+    Args:
+        helps: field name -> help text.
+        defaults: field name -> how its default reads in the help (e.g. the values it takes under
+            presets); fields not in it show the dataclass default.
     """
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
@@ -34,8 +40,13 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
         args = typing.get_args(kind)
         if typing.get_origin(kind) in (typing.Union, types.UnionType):
             kind = next(a for a in args if a is not type(None))
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        text = f"{helps.get(field.name, '')} (default: {default})".strip()
+        if defaults is not None and field.name in defaults:
+            default_text = defaults[field.name]
+        else:
+            default_text = str(field.default if field.default is not dataclasses.MISSING
+                               else field.default_factory())
+        # argparse %-formats help strings: a literal % must be doubled
+        text = f"{helps.get(field.name, '')} (default: {default_text})".strip().replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(kind) is list:
@@ -44,11 +55,38 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
             parser.add_argument(flag, type=kind, default=None, help=text)
 
 
-def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run an entry point: a project error becomes one line on stderr and exit status 2."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are project errors: one line on stderr and exit status 2 (through
+    :func:`run_main`), like every other input error, instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
+def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = None, *,
+             prog: str | None = None) -> int:
+    """Run an entry point: a project error (bad input) becomes one line on stderr and exit status 2.
+
+    Anything else is a bug and keeps its traceback. ``main`` may return an exit status (an int) or None.
+    """
+    name = prog or getattr(main, "__module__", "mmcam_fast")
     try:
-        main(argv)
+        status = main(argv)
     except MMCamError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        text = " ".join(str(exc).split())  # one line, whatever the message holds
+        print(f"{name}: error: {text}", file=sys.stderr, flush=True)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr, flush=True)
+        return 130
+    return int(status) if isinstance(status, int) else 0
+
+
+def console_entry(main: Callable[[list[str] | None], Any], prog: str) -> Callable[[], None]:
+    """The function a console script calls: ``main`` under :func:`run_main`, then exit with its status."""
+
+    def entry() -> None:
+        sys.exit(run_main(main, None, prog=prog))
+
+    entry.__name__ = f"{prog.replace('-', '_')}_entry"
+    return entry

@@ -14,6 +14,10 @@ from typing import Any
 import yaml
 
 from mmcam_fast.errors import ConfigError
+from mmcam_fast.models.backbones import backbone_name
+
+# the --data names (mmcam_fast.data.loaders maps each to its folders and metadata)
+DATA_NAMES = ("synthetic", "tiny-imagenet", "voc", "cub", "imagenet", "openimages")
 
 
 @dataclass
@@ -62,6 +66,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke runs, CI)
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of epochs only)
     resume: str | None = None  # "auto" (the newest complete checkpoint of --out, if any) or a file
+    overwrite: bool = False  # start over in an --out that holds a run (its run files are removed)
     max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses (0: never)
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm (Stage I batch statistics over all ranks)
     dist_timeout_min: float = 60.0  # torchrun: collective timeout (rank 0 validates while others wait)
@@ -131,11 +136,15 @@ _DATA_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset(data: str, backbone: str) -> dict[str, Any]:
-    """The preset values for a (data set, backbone) pair; later entries override earlier ones."""
+    """The preset values for a (data set, backbone) pair; later entries override earlier ones.
+
+    ``backbone`` may be spelled any way :func:`mmcam_fast.models.backbones.backbone_name` accepts.
+    """
+    backbone = backbone_name(backbone)
     values: dict[str, Any] = {}
-    values.update(_BACKBONE_PRESETS.get(backbone.removesuffix("_cam"), {}))
+    values.update(_BACKBONE_PRESETS[backbone])
     values.update(_DATA_PRESETS.get(data, {}))
-    if backbone.removesuffix("_cam") not in ("resnet50", "resnet18"):
+    if backbone not in ("resnet50", "resnet18"):
         values.pop("large_feature_map", None)
     return values
 
@@ -143,9 +152,15 @@ def preset(data: str, backbone: str) -> dict[str, Any]:
 def build_config(overrides: dict[str, Any], *, source: str = "command line") -> TrainConfig:
     """Defaults, then the preset of (data, backbone), then ``overrides`` (values that are not None)."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    if "backbone" in given:  # one normalisation, before anything reads the name
+        given["backbone"] = backbone_name(given["backbone"])
+    if "data" in given and given["data"] not in DATA_NAMES:
+        raise ConfigError(f"--data {given['data']!r} is not a known data set; valid: {', '.join(DATA_NAMES)}")
     base = TrainConfig.from_dict(given, source=source)
     values = preset(base.data, base.backbone)
     values.update(given)
     config = TrainConfig.from_dict(values, source=source)
     config.validate()
+    # which values the user chose (flags, --config): a preset's value may adapt to the data, these not
+    config.explicit = frozenset(given)
     return config

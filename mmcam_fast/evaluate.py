@@ -1,12 +1,31 @@
 """``mmcam-evaluate``: WSOL evaluation (MaxBoxAcc, MaxBoxAccV2, PxAP) of score maps.
 
 Mode (a), implemented here: score maps exported as ``<scoremap-root>/<image_id>.npy`` (the
-protocol's layout), metadata from ``<metadata-root>/<dataset>/<split>/``, masks from
-``<mask-root>/OpenImages/<mask path>``::
+protocol's layout; e.g. by mode (b)'s ``--export-scoremaps``), evaluated against a split's metadata.
+Two ways to name the data set:
+
+* A benchmark (CUB, ILSVRC alias imagenet, OpenImages): metadata from
+  ``<metadata-root>/<dataset>/<split>/`` (the benchmark's ``metadata/`` folder), masks from
+  ``<mask-root>/OpenImages/<mask path>``::
 
     mmcam-evaluate --scoremap-root runs/x/scoremaps --metadata-root metadata --dataset CUB --split test
 
-The last line of stdout is one JSON object with the results.
+* A data set the project prepared (``python -m mmcam_fast.data.prepare synthetic|voc|tiny-imagenet
+  --out DIR``): give its folder as ``--data-root``, as for training. The data set is read from the
+  folder (``prepared.json`` or ``synthetic.json``; ``--dataset`` may name it too, and must agree),
+  the metadata from ``<data-root>/metadata/<split>/`` (``--metadata-root`` overrides it, e.g.
+  ``<data-root>/metadata-masks`` for the synthetic set's masks, evaluated as PxAP), masks and the
+  images of ``--overlays`` from the data root (``--mask-root``, ``--image-root`` override them)::
+
+    mmcam-evaluate --scoremap-root runs/x/scoremaps --data-root runs/data/synthetic --split test
+
+  A raw Tiny ImageNet or VOC folder is not a prepared folder: training converts it into
+  ``runs/data/<kind>-<hash>``, the folder to give here.
+
+``--overlays K`` writes K overlay PNGs (image at its own aspect ratio, heatmap, ground truth solid
+green, the box at MaxBoxAcc's threshold dashed red, a caption) of K images spread over the classes
+(round-robin) to ``--overlay-dir``. The last line of stdout is one JSON object with the results.
+Input errors are one line on stderr, naming the file or flag, and exit status 2.
 
 Mode (b): a training checkpoint and a data set: the CAMs are computed here (ground-truth class for
 MaxBoxAcc / MaxBoxAccV2 / GT-known Loc / PxAP, the top-5 predictions for Top-1 / Top-5 Loc), score
@@ -23,30 +42,34 @@ import json
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from mmcam_fast.data.metadata import load_metadata
-from mmcam_fast.errors import ConfigError, DataError, MMCamError
+from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, load_rgb
+from mmcam_fast.data.metadata import WSOLMetadata, load_metadata
+from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation import (
     DEFAULT_IOU_THRESHOLDS,
-    SCOREMAP_SIZE,
     dataset_name,
     evaluate_scoremaps,
-    gt_boxes_224,
     iter_scoremaps,
     load_scoremap,
     write_overlays,
 )
-from mmcam_fast.evaluation.protocol import MASK_DATASETS
+from mmcam_fast.evaluation.overlays import select_overlay_ids
+from mmcam_fast.evaluation.protocol import MASK_DATASETS, is_benchmark, split_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mmcam-evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="mmcam-evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path,
                         help="mode (b): a training checkpoint; CAMs are computed from it")
     parser.add_argument("--data", help="mode (b): data set name (default: the checkpoint's)")
-    parser.add_argument("--data-root", help="mode (b): data root (default: the checkpoint's)")
+    parser.add_argument("--data-root", type=Path,
+                        help="mode (b): data root (default: the checkpoint's); mode (a): a folder made by "
+                             "`python -m mmcam_fast.data.prepare` (synthetic, voc, tiny-imagenet): the "
+                             "data set, metadata (<data-root>/metadata/<split>), masks and images are read "
+                             "from it")
     parser.add_argument("--export-scoremaps", type=Path, metavar="DIR",
                         help="mode (b): also save every score map as DIR/<image_id>.npy")
     parser.add_argument("--device", default="cpu", help="mode (b): device of the model")
@@ -54,11 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scoremap-root", type=Path,
                         help="folder of <image_id>.npy score maps (224x224, float, in [0, 1])")
     parser.add_argument("--metadata-root", type=Path,
-                        help="metadata root; the split is read from <metadata-root>/<dataset>/<split>/")
+                        help="metadata root; the split is read from <metadata-root>/<dataset>/<split>/ "
+                             "(benchmarks) or <metadata-root>/<split>/ (default with --data-root: "
+                             "<data-root>/metadata)")
     parser.add_argument("--mask-root", type=Path,
-                        help="mask root (OpenImages): masks are <mask-root>/OpenImages/<mask path>")
+                        help="mask root: OpenImages masks are <mask-root>/OpenImages/<mask path>, a prepared "
+                             "data set's <mask-root>/<mask path> (default: --data-root)")
     parser.add_argument("--dataset",
-                        help="CUB, ILSVRC (alias imagenet) or OpenImages; any case")
+                        help="CUB, ILSVRC (alias imagenet), OpenImages, or a prepared synthetic, "
+                             "tiny-imagenet, voc (default: read from --data-root); any case")
     parser.add_argument("--split", help="split folder, e.g. val or test (mode (b) default: test)")
     parser.add_argument("--cam-curve-interval", type=float, default=0.01,
                         help="CAM thresholds are arange(0, 1, interval) (default 0.01: 100 thresholds)")
@@ -70,11 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for the box evaluation when --workers is 1 (default: one per core, "
                              "at most 8); the numbers do not depend on it")
-    parser.add_argument("--overlays", type=int, default=0, metavar="N",
-                        help="write overlay PNGs of the first N images (needs --overlay-dir, --image-root)")
+    parser.add_argument("--overlays", type=int, default=0, metavar="K",
+                        help="write overlay PNGs of K images spread over the classes (round-robin); needs "
+                             "--overlay-dir, and in mode (a) --image-root or --data-root")
     parser.add_argument("--overlay-dir", type=Path, help="folder for overlay PNGs")
     parser.add_argument("--image-root", type=Path,
-                        help="image root of the split, for overlays: <image-root>/<image_id>")
+                        help="image root of the split, for overlays: <image-root>/<image_id> "
+                             "(default: --data-root)")
     return parser
 
 
@@ -84,25 +113,101 @@ def _scoremaps_from_files(args: argparse.Namespace, image_ids: list[str]):
 
 
 def _load_image(image_root: Path, image_id: str) -> np.ndarray:
+    """The image at its own size, RGB uint8 (the overlay maps the score map back onto it)."""
     path = image_root / image_id
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"image {image_id}: {path} is missing or not an image")
-    image = cv2.resize(image, (SCOREMAP_SIZE, SCOREMAP_SIZE), interpolation=cv2.INTER_LINEAR)
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    try:
+        return np.asarray(load_rgb(path))
+    except FileNotFoundError:
+        raise DataError(f"image {image_id}: {path} is missing (check --image-root)") from None
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise DataError(f"image {image_id}: {path} cannot be read as an image ({error})") from None
 
 
-def _write_overlays(args: argparse.Namespace, metadata, result: dict) -> list[Path]:
-    image_ids = metadata.image_ids[: args.overlays]
-    gt = gt_boxes_224(metadata)
+def _class_names(folders: list[Path | None]) -> list[str] | None:
+    from mmcam_fast.data.prepare import CLASSES_FILE, read_class_names
+
+    for folder in folders:
+        if folder is not None and (folder / CLASSES_FILE).is_file():
+            return read_class_names(folder / CLASSES_FILE)
+    return None
+
+
+def _write_overlays(args: argparse.Namespace, metadata: WSOLMetadata, result: dict) -> list[Path]:
+    image_ids = select_overlay_ids(metadata.image_ids, metadata.labels, args.overlays)
+    names = _class_names([args.data_root, args.metadata_root, metadata.folder.parent])
+
+    def name(image_id: str) -> str:
+        label = metadata.labels[image_id]
+        return names[label] if names is not None and label < len(names) else f"class {label}"
+
     return write_overlays(
         images=[_load_image(args.image_root, i) for i in image_ids],
         scoremaps=[load_scoremap(args.scoremap_root, i) for i in image_ids],
-        gt_boxes=[gt[i] for i in image_ids],
+        gt_boxes=[metadata.boxes[i] for i in image_ids],
         threshold=result["maxboxacc_threshold"],
         out_dir=args.overlay_dir,
         ids=image_ids,
+        box_sizes=[metadata.sizes[i] for i in image_ids],
+        class_names=[name(i) for i in image_ids],
     )
+
+
+def prepared_kind(data_root: Path) -> str | None:
+    """The data set a folder was prepared as (``prepared.json``'s kind, or synthetic), or None."""
+    from mmcam_fast.data.prepare import read_manifest
+    from mmcam_fast.data.synthetic import MANIFEST as SYNTHETIC_MANIFEST
+
+    manifest = read_manifest(data_root)
+    if manifest is not None and manifest.get("kind"):
+        return str(manifest["kind"])
+    if (data_root / SYNTHETIC_MANIFEST).is_file():
+        return "synthetic"
+    return None
+
+
+def resolve_scoremap_inputs(args: argparse.Namespace) -> str:
+    """Mode (a): the data set's canonical name; fills in the metadata, mask and image roots that
+    ``--data-root`` implies.
+
+    Raises:
+        ConfigError: missing or contradicting flags, naming them.
+        DataError: a ``--data-root`` that is not a folder or not a prepared one.
+    """
+    if args.data is not None:
+        raise ConfigError("--data names the data set of --checkpoint mode; with --scoremap-root use "
+                          "--dataset (or --data-root of a prepared folder)")
+    kind = None
+    if args.data_root is not None:
+        if not args.data_root.is_dir():
+            raise DataError(f"--data-root {args.data_root}: folder does not exist")
+        kind = prepared_kind(args.data_root)
+        if kind is None and args.dataset is None:
+            raise DataError(f"--data-root {args.data_root}: not a folder made by `python -m "
+                            "mmcam_fast.data.prepare` (no prepared.json or synthetic.json); prepare it "
+                            "first, or give --dataset and --metadata-root")
+    if args.dataset is not None:
+        dataset = dataset_name(args.dataset)
+        if kind is not None and dataset_name(kind) != dataset:
+            raise ConfigError(f"--dataset {args.dataset}: --data-root {args.data_root} was prepared as "
+                              f"{kind!r} data")
+    elif kind is not None:
+        dataset = dataset_name(kind)
+    else:
+        dataset = None
+    if args.data_root is not None:
+        if args.metadata_root is None:
+            args.metadata_root = args.data_root / "metadata"
+        if not is_benchmark(dataset or "synthetic"):
+            args.mask_root = args.mask_root if args.mask_root is not None else args.data_root
+        args.image_root = args.image_root if args.image_root is not None else args.data_root
+    missing = [flag for flag, value in (("--scoremap-root", args.scoremap_root),
+                                        ("--metadata-root (or --data-root)", args.metadata_root),
+                                        ("--dataset (or --data-root)", dataset), ("--split", args.split))
+               if value is None]
+    if missing:
+        raise ConfigError(f"score-map mode needs {', '.join(missing)} (or give --checkpoint for mode (b))")
+    assert dataset is not None
+    return dataset
 
 
 def run_checkpoint(args: argparse.Namespace) -> dict:
@@ -113,7 +218,7 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     if args.scoremap_root is not None:
         raise ConfigError("--checkpoint and --scoremap-root are two modes: give one of them")
     if args.overlays and args.overlay_dir is None:
-        raise ConfigError("--overlays N needs --overlay-dir")
+        raise ConfigError("--overlays K needs --overlay-dir")
     split = args.split or "test"
     if split not in ("train", "val", "test"):
         raise ConfigError(f"--split {split!r}: expected train, val or test")
@@ -137,29 +242,26 @@ def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed flags say; returns the result dict (also what is printed)."""
     if args.checkpoint is not None:
         return run_checkpoint(args)
-    missing = [flag for flag, value in (("--scoremap-root", args.scoremap_root),
-                                        ("--metadata-root", args.metadata_root), ("--dataset", args.dataset),
-                                        ("--split", args.split)) if value is None]
-    if missing:
-        raise ConfigError(f"score-map mode needs {', '.join(missing)} (or give --checkpoint for mode (b))")
-    dataset = dataset_name(args.dataset)
+    dataset = resolve_scoremap_inputs(args)
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if args.overlays:
-        if args.overlays < 0 or args.overlay_dir is None or args.image_root is None:
-            raise ConfigError("--overlays N needs N >= 0, --overlay-dir and --image-root "
-                              "(the images to draw on)")
-        if dataset in MASK_DATASETS:
-            raise ConfigError("--overlays: overlays draw boxes, so they are written for CUB and ILSVRC only")
-    metadata = load_metadata(args.metadata_root / dataset / args.split)
+    if args.overlays < 0:
+        raise ConfigError(f"--overlays must be at least 0, got {args.overlays}")
+    if args.overlays and (args.overlay_dir is None or args.image_root is None):
+        raise ConfigError("--overlays K needs --overlay-dir and --image-root or --data-root "
+                          "(the images to draw on)")
+    metadata = load_metadata(split_folder(args.metadata_root, dataset, args.split))
     result = evaluate_scoremaps(
         dataset, metadata, _scoremaps_from_files(args, metadata.image_ids), mask_root=args.mask_root,
         cam_curve_interval=args.cam_curve_interval, iou_thresholds=args.iou_threshold_list, impl=args.impl,
         workers=args.workers, threads=args.threads, check=False)  # iter_scoremaps has validated every map
     result["split"] = args.split
     if args.overlays:
+        if "pxap" in result or dataset in MASK_DATASETS:
+            raise ConfigError(f"--overlays: overlays draw boxes, and {metadata.folder} has masks "
+                              "(give a split with boxes, or leave out --overlays)")
         written = _write_overlays(args, metadata, result)
         result["overlays"] = len(written)
     return result
@@ -168,10 +270,7 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """Entry point; prints a summary and, last, one JSON line. Errors exit with a one-line message."""
     args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except MMCamError as err:
-        raise SystemExit(f"mmcam-evaluate: error: {err}") from None
+    result = run(args)
     if "pxap" in result:
         print(f"{result['dataset']} {result['split']}: PxAP {result['pxap']:.2f} "
               f"over {result['images']} images")
@@ -189,5 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result))
 
 
+cli = console_entry(main, "mmcam-evaluate")
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
-from mmcam_fast.cli import run_main
+from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, describe_unreadable, load_rgb
 from mmcam_fast.data.transforms import eval_transform
 from mmcam_fast.errors import ConfigError, DataError
@@ -74,7 +73,7 @@ def localize_images(checkpoint: str | Path, images: list[Path], *, device: str =
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="mmcam_fast.localize", description=__doc__,
+    parser = ArgumentParser(prog="mmcam_fast.localize", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint (best.pt)")
     parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
@@ -103,5 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(results))
 
 
+cli = console_entry(main, "mmcam-localize")
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli()

@@ -43,6 +43,11 @@ from mmcam_fast.config import TrainConfig
 from mmcam_fast.engine import MetricLog, Trainer
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.models import create_model
+from mmcam_fast.run_folder import atomic_write_text, keep_lines, open_run_folder, start_afresh
+
+# Val and test splits up to this many images are decoded once before the first step, so an
+# unreadable one stops the run before any training time is spent (larger splits: at evaluation).
+DECODE_CHECK_MAX_IMAGES = 5000
 
 # Settings a run cannot change when it resumes: they define the model or the batch sequence.
 _FIXED_ON_RESUME = ("data", "backbone", "large_feature_map", "image_size", "vertical_flip", "set_size",
@@ -61,6 +66,7 @@ class RunResult:
     test_metrics: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0  # steps skipped for a non-finite loss
     resumed_at: list[int] = field(default_factory=list)  # steps this run was resumed from
+    is_main: bool = True  # rank 0 (the process that reports; under torchrun the others stay quiet)
 
     def summary_line(self) -> str:
         return json.dumps({"run_dir": str(self.run_dir), "wall_time_s": round(self.wall_time_s, 1),
@@ -92,10 +98,12 @@ class _Progress:
     best_score: float = -1.0
     val_history: list[dict[str, Any]] = field(default_factory=list)
     resumed_at: list[int] = field(default_factory=list)
+    last_train: dict[str, Any] = field(default_factory=dict)  # the last logged step's metrics
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step,
-                "best_score": self.best_score, "val_history": self.val_history, "resumed_at": self.resumed_at}
+                "best_score": self.best_score, "val_history": self.val_history, "resumed_at": self.resumed_at,
+                "last_train": self.last_train}
 
 
 def train(config: TrainConfig) -> RunResult:
@@ -139,14 +147,6 @@ def _init_weights(model: torch.nn.Module, path: str) -> None:
                           "checkpoint of the same backbone, feature-map size and number of classes") from None
 
 
-def _keep_lines(path: Path, keep: Any) -> None:
-    """Drop the JSON lines a resumed run will write again (those past the checkpoint)."""
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and keep(json.loads(line))]
-    path.write_text("".join(line + "\n" for line in lines))
-
-
 class _Run:
     def __init__(self, config: TrainConfig, world: distributed.World, device: torch.device):
         self.config = config
@@ -155,9 +155,36 @@ class _Run:
         self.run_dir = Path(config.out)
         self.checkpoints = self.run_dir / "checkpoints"
         self.progress = _Progress()
+        self.lock = None
 
     def run(self) -> RunResult:
-        from mmcam_fast.data.loaders import build_datasets, build_loader, set_batch_sampler
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _open_folder(self, resume: str | None) -> tuple[str, dict[str, Any]] | None:
+        """Rank 0: check and lock ``--out``, apply the run-folder rules, find the checkpoint to resume."""
+        self.lock = open_run_folder(self.run_dir, resume=resume, overwrite=self.config.overwrite)
+        stale = self.lock.describe_stale()
+        if stale:
+            _note(f"{self.run_dir}: {stale}")
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        remove_partial(self.checkpoints)
+        loaded = _load_resume(resume, self.checkpoints)
+        if loaded is None:
+            start_afresh(self.run_dir)
+        return loaded
+
+    def _check_inputs(self) -> None:
+        """Files the run reads later, checked before any data work."""
+        for flag, value in (("--pretrained", self.config.pretrained), ("--init", self.config.init)):
+            if value and not Path(value).is_file():
+                raise ConfigError(f"{flag} {value}: file not found")
+
+    def _run(self) -> RunResult:
+        from mmcam_fast.data.loaders import build_datasets, build_loader, check_decodable, set_batch_sampler
 
         config, world, device = self.config, self.world, self.device
         start = time.perf_counter()
@@ -165,14 +192,19 @@ class _Run:
         resume = config.resume
         if resume is None and distributed.restart_count() > 0:
             resume = "auto"  # a worker group restarted by torchrun continues, never starts over
-        if world.is_main:
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
-            remove_partial(self.checkpoints)
-        loaded = distributed.on_main(_load_resume, resume, self.checkpoints)
+        self._check_inputs()
+        loaded = distributed.on_main(self._open_folder, resume)
 
         data = build_datasets(config.data, config.data_root, metadata_root=config.metadata_root,
                               image_size=config.image_size, vertical_flip=config.vertical_flip,
                               bad_image_policy=config.bad_images)
+        if world.is_main and len(data.val) + len(data.test) <= DECODE_CHECK_MAX_IMAGES:
+            for split in (data.val, data.test):
+                check_decodable(split)
+        # Absolute roots in config.yaml and the checkpoints: evaluate --checkpoint works from anywhere.
+        config.data_root = str(Path(data.data_root).resolve())
+        config.metadata_root = str(Path(data.metadata_root).resolve())
+        self._fit_sets_to_classes(data.num_classes)
         self.classes = data.class_names
         sampler = set_batch_sampler(data.train, sets_per_batch=config.sets_per_batch,
                                     set_size=config.set_size, seed=config.seed,
@@ -196,6 +228,7 @@ class _Run:
         self.log = MetricLog(self.run_dir / "metrics.jsonl" if world.is_main else None, config.log_every,
                              reduce=distributed.mean_over_ranks)
         loader_state = self._restore(*loaded) if loaded is not None else None
+        self.log.last = dict(self.progress.last_train)  # a resumed run reports the last logged step
         if world.is_main:
             config.save(self.run_dir / "config.yaml")
 
@@ -238,7 +271,23 @@ class _Run:
         if world.is_main:
             test_metrics = self._final_test(data, model)
         return RunResult(self.run_dir, time.perf_counter() - start, progress.step, self.log.last,
-                         progress.val_history, test_metrics, skipped, progress.resumed_at)
+                         progress.val_history, test_metrics, skipped, progress.resumed_at, world.is_main)
+
+    def _fit_sets_to_classes(self, num_classes: int) -> None:
+        """A preset's N (sets per batch) above the data set's number of classes: use every class.
+
+        Each set of a batch is a distinct class, so N cannot exceed the classes; a preset's N (12 for
+        the voc preset, on a data set of 3 classes) becomes the number of classes, logged. An N given
+        on the command line or in --config is kept, and the sampler's error names it.
+        """
+        config = self.config
+        if num_classes >= config.sets_per_batch or "sets_per_batch" in getattr(config, "explicit", ()):
+            return
+        if self.world.is_main:
+            _note(f"the data set has {num_classes} classes, fewer than the preset's --sets-per-batch "
+                  f"{config.sets_per_batch}: using all {num_classes} (a batch of {num_classes} x "
+                  f"{config.set_size} images)")
+        config.sets_per_batch = num_classes
 
     def _restore(self, path: str, state: dict[str, Any]) -> dict[str, Any] | None:
         """Load a checkpoint into the trainer; returns the loader state when it was taken mid-epoch."""
@@ -258,6 +307,7 @@ class _Run:
         p.best_score = float(state.get("best_score", -1.0))
         p.val_history = list(state.get("val_history", []))
         p.resumed_at = [*state.get("resumed_at", []), p.step]
+        p.last_train = dict(state.get("last_train", {}))
         rng = state.get("rng")
         if rng is not None and len(rng) == self.world.world_size:
             restore_rng(rng[self.world.rank], self.device)
@@ -267,8 +317,8 @@ class _Run:
         if self.world.is_main:
             _note(f"resuming from {path}: epoch {p.epoch + 1}, step {p.step}"
                   + (f" ({p.epoch_step} steps into the epoch)" if p.epoch_step else ""))
-            _keep_lines(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= p.step)
-            _keep_lines(self.run_dir / "val_metrics.jsonl", lambda row: row.get("epoch", 0) <= p.epoch)
+            keep_lines(self.run_dir / "metrics.jsonl", lambda row: row.get("step", 0) <= p.step)
+            keep_lines(self.run_dir / "val_metrics.jsonl", lambda row: row.get("epoch", 0) <= p.epoch)
         if p.epoch_step:
             saved_world = int(state.get("world_size", 1))
             if saved_world != self.world.world_size:
@@ -291,6 +341,7 @@ class _Run:
             files: file name -> entries added to the common state (``best.pt`` gets ``val``).
         """
         self.log.flush()
+        self.progress.last_train = dict(self.log.last)
         self.trainer.guard.check(self.progress.step)  # a run past the limit stops before writing
         rng = distributed.gather_objects(rng_state(self.device))
         if self.world.is_main:
@@ -336,7 +387,7 @@ class _Run:
         test_metrics = evaluate_localization(model, data.test, device=self.device,
                                              loader=eval_loader(self.config),
                                              cam_curve_interval=self.config.cam_curve_interval)
-        (self.run_dir / "final_metrics.json").write_text(json.dumps(
+        atomic_write_text(self.run_dir / "final_metrics.json", json.dumps(
             {"test": test_metrics, "last_train": self.log.last, "val_history": self.progress.val_history,
              "skipped_steps": self.trainer.guard.state_dict()["skipped"]}, indent=2))
         return test_metrics

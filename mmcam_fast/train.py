@@ -12,19 +12,21 @@ Flags mirror :class:`mmcam_fast.config.TrainConfig`; values not given come from 
 from __future__ import annotations
 
 import argparse
-import sys
+import dataclasses
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from mmcam_fast.cli import add_dataclass_flags, run_main
-from mmcam_fast.config import TrainConfig, build_config
+from mmcam_fast.cli import ArgumentParser, add_dataclass_flags, console_entry
+from mmcam_fast.config import _BACKBONE_PRESETS, _DATA_PRESETS, TrainConfig, build_config, preset
 from mmcam_fast.errors import ConfigError
 
 _HELP = {
     "data": "data set: synthetic, tiny-imagenet, voc, cub, imagenet, openimages",
     "data_root": "image root of the data set (synthetic: where to generate it)",
-    "metadata_root": "WSOL metadata root (defaults per data set, see README)",
+    "metadata_root": "WSOL metadata root",
     "backbone": "vgg16, resnet50, mobilenet_v2 or resnet18 (the _cam suffix is optional)",
     "large_feature_map": "ResNet: layer3 at stride 1 too (28x28 maps at 224)",
     "pretrained": "local torchvision state dict for the backbone (never downloaded)",
@@ -39,47 +41,182 @@ _HELP = {
                    "ablation, f = g(F * H))",
     "init": "start from this checkpoint's model weights (backbone and fc); optimizer, schedule and "
             "step count start afresh (unlike --resume)",
+    "epochs": "training epochs",
     "lr": "learning rate of the backbone",
     "classifier_lr_mult": "lr multiplier of the new layers (fc, conv6)",
+    "momentum": "SGD momentum",
+    "nesterov": "SGD with Nesterov momentum",
+    "weight_decay": "SGD weight decay",
     "lr_milestones": "epochs at which the lr is multiplied by --lr-gamma",
+    "lr_gamma": "lr multiplier at each of --lr-milestones",
+    "seed": "random seed of the weights, the set sampler and the augmentations (torchrun: each rank "
+            "derives its own from it)",
+    "workers": "data loader worker processes (0: load in the training process)",
+    "loader": "data loading backend: auto (DALI when installed), dali, torch",
+    "device": "cpu or cuda (torchrun: cuda is each rank's local GPU)",
     "impl": "step implementation: fast (channels-last, AMP, compile, fused kernels) or reference",
     "amp": "fast engine autocast: auto (bf16 where the hardware has it), bf16, fp16 (GradScaler), off",
-    "compile": "fast engine: torch.compile Stage I and II (default: on CUDA only)",
+    "compile": "fast engine: torch.compile Stage I and II",
     "channels_last": "fast engine: channels-last memory format",
     "cuda_graphs": "fast engine on CUDA: replay Stage II from CUDA graphs (compile mode reduce-overhead)",
     "fold_bn": "fast engine under autocast (bf16/fp16): fold Stage II's eval-mode BatchNorm into the "
                "convolutions before it",
     "bad_images": "unreadable image: error (stop, naming the file) or skip (substitute, counted)",
-    "loader": "data loading backend: auto (DALI when installed), dali, torch",
     "log_every": "steps between metric flushes to metrics.jsonl",
     "eval_every": "epochs between validations (0: only the final test)",
+    "cam_curve_interval": "step of the CAM thresholds the localization metrics sweep",
     "max_steps_per_epoch": "cut every epoch to this many steps (smoke runs)",
     "checkpoint_every": "also write checkpoints/last.pt every N steps within an epoch (0: epoch ends only)",
+    "overwrite": "start over in an --out that already holds a run (removes its logs, final metrics and "
+                 "checkpoints); without it such an --out is refused",
     "resume": "continue a run: 'auto' (the newest complete checkpoint in --out, else start afresh) or a "
               "checkpoint file",
     "max_nonfinite_steps": "stop with an error after this many consecutive steps with a NaN/inf loss "
                            "(each is skipped and counted; 0: never stop)",
     "sync_bn": "torchrun on GPUs: SyncBatchNorm, Stage I batch statistics over all ranks",
     "dist_timeout_min": "torchrun: collective timeout in minutes (rank 0 validates while the others wait)",
-    "out": "run folder (config.yaml, metrics.jsonl, checkpoints/, final_metrics.json)",
+    "out": "run folder (config.yaml, metrics.jsonl, val_metrics.jsonl, checkpoints/, final_metrics.json)",
+}
+
+# What a default of None means, where "none" would not say it.
+_NONE_MEANS = {
+    "metadata_root": "per data set, see README",
+    "pretrained": "none, random init",
+    "compile": "on CUDA only",
+    "max_steps_per_epoch": "none, whole epochs",
 }
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    parser = argparse.ArgumentParser(prog="mmcam_fast.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _value_text(value: Any, none_text: str = "none") -> str:
+    if value is None:
+        return none_text
+    if isinstance(value, list):
+        return f"[{', '.join(str(v) for v in value)}]" if value else "none"
+    return str(value)
+
+
+def _by_value(cells: dict[str, Any]) -> dict[str, list[str]]:
+    """``{name: value}`` -> ``{value text: [names]}``, names sorted."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(cells):
+        groups.setdefault(_value_text(cells[name]), []).append(name)
+    return groups
+
+
+def preset_default_text(name: str, base: Any, data: str | None = None, backbone: str | None = None) -> str:
+    """How the default of config field ``name`` reads in ``--help``, derived from the preset tables.
+
+    ``base`` is the dataclass default. Given ``data`` and/or ``backbone`` (preset names; others are
+    ignored), the value resolved for them; otherwise the default and the presets that change it,
+    e.g. ``"224; 64 for synthetic, tiny-imagenet"``.
+    """
+    datas = [data] if data in _DATA_PRESETS else sorted(_DATA_PRESETS)
+    short = backbone.removesuffix("_cam") if backbone else None
+    backbones = [short] if short in _BACKBONE_PRESETS else sorted(_BACKBONE_PRESETS)
+    table = {(d, b): preset(d, b).get(name, base) for d in datas for b in backbones}
+    first = next(iter(table.values()))
+    if all(v == first for v in table.values()):
+        text = _value_text(first, _NONE_MEANS.get(name, "none"))
+        given = []
+        if len(datas) == 1:
+            given.append(f"--data {data}")
+        if len(backbones) == 1:
+            given.append(f"--backbone {backbone}")
+        if given and any(name in preset(d, b) for d, b in table):  # the value comes from a preset
+            text += f" with {' '.join(given)}"
+        return text
+    # Rules, later ones winning (as in preset()): the backbones' values, then the data sets' values,
+    # then the cells where a data set's value applies to some backbones only ("True for synthetic,
+    # tiny-imagenet with resnet18, resnet50"); each stated only where it changes the answer.
+    by_backbone = {b: _BACKBONE_PRESETS[b][name] for b in backbones
+                   if name in _BACKBONE_PRESETS[b] and _BACKBONE_PRESETS[b][name] != base}
+
+    def before_data(b: str) -> Any:
+        return by_backbone.get(b, base)
+
+    by_data: dict[str, Any] = {}
+    both: dict[tuple[str, str], list[str]] = {}
+    for d in datas:
+        column = {b: table[d, b] for b in backbones}
+        if all(v == before_data(b) for b, v in column.items()):
+            continue
+        value = _DATA_PRESETS[d].get(name, base)
+        if all(v == value for v in column.values()):
+            by_data[d] = value
+            continue
+        cells = {b: v for b, v in column.items() if v != before_data(b)}
+        for text, names in _by_value(cells).items():
+            both.setdefault((text, ", ".join(names)), []).append(d)
+    parts = [f"{value} for {', '.join(names)}" for value, names in _by_value(by_backbone).items()]
+    parts += [f"{value} for {', '.join(names)}" for value, names in _by_value(by_data).items()]
+    parts += [f"{value} for {', '.join(ds)} with {bs}" for (value, bs), ds in both.items()]
+    note = "; a data set's value wins over a backbone's" if by_data and by_backbone else ""
+    return "; ".join([_value_text(base, _NONE_MEANS.get(name, "none")), *parts]) + note
+
+
+def help_defaults(data: str | None = None, backbone: str | None = None) -> dict[str, str]:
+    """Every TrainConfig field's default as ``--help`` shows it (see :func:`preset_default_text`)."""
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        base = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f.name] = preset_default_text(f.name, base, data, backbone)
+    return out
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of config keys")
+    return loaded
+
+
+def _help_pair(argv: list[str] | None) -> tuple[str | None, str | None]:
+    """The (data, backbone) the help describes: from the command line, else the --config file."""
+    pre = ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--config", "--data", "--backbone"):
+        pre.add_argument(flag, default=None)
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except ConfigError:  # a malformed command line: the full parse reports it
+        return None, None
+    data, backbone = known.data, known.backbone
+    if known.config is not None and (data is None or backbone is None):
+        try:
+            loaded = _read_config_file(Path(known.config))
+        except ConfigError:  # reported by the full parse
+            loaded = {}
+        data = data if data is not None else loaded.get("data")
+        backbone = backbone if backbone is not None else loaded.get("backbone")
+    return (data if isinstance(data, str) else None), (backbone if isinstance(backbone, str) else None)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help lines wrapped at spaces only, so names such as tiny-imagenet or --lr-gamma stay whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The train parser; its help shows the defaults resolved for the --data/--backbone in ``argv``."""
+    parser = ArgumentParser(prog="mmcam_fast.train", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
-    add_dataclass_flags(parser, TrainConfig, _HELP)
-    args = vars(parser.parse_args(argv))
+    add_dataclass_flags(parser, TrainConfig, _HELP, help_defaults(*_help_pair(argv)))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The run's config: defaults < preset of (data, backbone) < ``--config`` file < flags."""
+    args = vars(build_parser(argv).parse_args(argv))
     config_file = args.pop("config")
     values = {}
     if config_file is not None:
-        if not config_file.is_file():
-            raise ConfigError(f"--config {config_file}: file not found")
-        loaded = yaml.safe_load(config_file.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {config_file}: expected a mapping of config keys")
-        values.update(loaded)
+        values.update(_read_config_file(config_file))
     values.update({k: v for k, v in args.items() if v is not None})
     return build_config(values, source=str(config_file) if config_file else "command line")
 
@@ -89,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
 
     config = parse_args(argv)
     result = train(config)
-    print(result.summary_line())
+    if result.is_main:  # under torchrun, rank 0 alone reports
+        print(result.summary_line(), flush=True)
 
+
+cli = console_entry(main, "mmcam-train")
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli()

@@ -21,6 +21,6 @@ def finished_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shared_data():
     """The project's real data folder (``$MMCAM_SHARED_DATA``, else ``../shared/data`` of the checkout)."""
-    from mmcam_fast.data.shared import shared_data_dir
+    from shared_data import shared_data_dir
 
     return shared_data_dir()

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from shared_data import shared_data_dir
 
 from mmcam_fast.data import dali_source
 from mmcam_fast.data.dali import DaliLoader, dali_available
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.data.metadata import WSOLMetadata
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.data.transforms import IMAGENET_STD, eval_transform
 from mmcam_fast.errors import DataError
 

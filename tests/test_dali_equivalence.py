@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from shared_data import shared_data_dir
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -23,7 +24,6 @@ from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.images import image_size, load_rgb
 from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.data.metadata import WSOLMetadata
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, train_transform
 
 pytestmark = [pytest.mark.dali,

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 from PIL import Image
+from shared_data import shared_data_dir
 
 from mmcam_fast.data.images import load_rgb
 from mmcam_fast.data.metadata import load_metadata
@@ -17,7 +18,6 @@ from mmcam_fast.data.prepare import (
     prepare_voc,
     read_class_names,
 )
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 
 DATA = shared_data_dir()

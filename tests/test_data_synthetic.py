@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -79,17 +77,32 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path, synthe
     assert (other / image_id).read_bytes() != (synthetic_root / image_id).read_bytes()
 
 
-def test_existing_set_is_reused_and_other_parameters_regenerate(tmp_path):
+def test_existing_set_is_reused_and_other_parameters_are_refused(tmp_path):
     root = make_synthetic(tmp_path / "s", **SMALL, seed=0)
     marker = root / "images" / "marker"
     marker.write_text("kept if the set is reused")
     assert make_synthetic(root, **SMALL, seed=0) == root
     assert marker.exists()
-    make_synthetic(root, **{**SMALL, "train_per_class": 7}, seed=0)
-    assert not marker.exists()
-    assert json.loads((root / MANIFEST).read_text())["train_per_class"] == 7
-    assert len(load_metadata(root / "metadata" / "train")) == 21
+    before = (root / MANIFEST).read_bytes()
+    with pytest.raises(DataError, match="train_per_class"):
+        make_synthetic(root, **{**SMALL, "train_per_class": 7}, seed=0)
+    assert marker.exists() and (root / MANIFEST).read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary folders left"
+
+
+def test_training_reads_a_prepared_folder_with_its_own_sizes(tmp_path):
+    """``--data synthetic --data-root DIR`` on a folder made by ``prepare synthetic`` with other sizes
+    used to delete it and generate the default set; it now reads DIR's own parameters."""
+    from mmcam_fast.data.loaders import build_datasets
+    from mmcam_fast.data.prepare import main as prepare
+
+    root = tmp_path / "mine"
+    assert prepare(["synthetic", "--out", str(root), "--num-classes", "3", "--train-per-class", "4",
+                    "--val-per-class", "2", "--test-per-class", "2", "--size", "32"]) in (0, None)
+    stamp = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    data = build_datasets("synthetic", root, image_size=32)
+    assert data.num_classes == 3 and len(data.train) == 12 and len(data.test) == 6
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamp
 
 
 def test_foreign_non_empty_folder_is_refused(tmp_path):

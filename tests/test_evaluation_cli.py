@@ -2,15 +2,18 @@
 
 import json
 import os
+import re
 
 import cv2
 import numpy as np
 import pytest
+from shared_data import shared_data_dir
 
+from mmcam_fast.cli import run_main
 from mmcam_fast.data.metadata import load_metadata, write_metadata
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.evaluate import main
 from mmcam_fast.evaluation import BoxEvaluator, MaskEvaluator, gt_boxes_224, save_scoremaps
+from mmcam_fast.evaluation.overlays import CAPTION_HEIGHT
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
 DATA = shared_data_dir()
@@ -36,6 +39,15 @@ def run(capsys, *argv):
     main([str(a) for a in argv])
     lines = capsys.readouterr().out.strip().splitlines()
     return json.loads(lines[-1]), lines
+
+
+def fail(capsys, *argv):
+    """Run the CLI as its console script does; expect exit status 2 and one line on stderr."""
+    assert run_main(main, [str(a) for a in argv], prog="mmcam-evaluate") == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmcam-evaluate: error: "), captured.err
+    return lines[0]
 
 
 def args(tmp_path, dataset, split, *extra):
@@ -93,61 +105,85 @@ def test_openimages_pxap_with_real_masks(tmp_path, capsys):
     reference, _ = run(capsys, *args(tmp_path, "openimages", "val", "--mask-root", tmp_path / "masks",
                                      "--impl", "reference"))
     assert reference == result
-    with pytest.raises(SystemExit, match="--mask-root is required"):
-        main([str(a) for a in args(tmp_path, "OpenImages", "val")])
+    assert "--mask-root is required" in fail(capsys, *args(tmp_path, "OpenImages", "val"))
     os.remove(tmp_path / "masks" / "OpenImages")
     (tmp_path / "masks" / "OpenImages").mkdir()
-    with pytest.raises(SystemExit, match=r"(?s)11 missing mask file\(s\).*mask of image val/"):
-        main([str(a) for a in args(tmp_path, "OpenImages", "val", "--mask-root", tmp_path / "masks")])
+    message = fail(capsys, *args(tmp_path, "OpenImages", "val", "--mask-root", tmp_path / "masks"))
+    assert re.search(r"11 missing mask file\(s\):.*mask of image val/", message)
 
 
-def test_bad_score_maps_are_reported_with_ids_and_files(tmp_path):
+def test_bad_score_maps_are_reported_with_ids_and_files(tmp_path, capsys):
     metadata, _ = small_split(tmp_path, "CUB", "val", 8)
     ids = metadata.image_ids
     np.save(tmp_path / "maps" / (ids[1] + ".npy"), np.zeros((100, 100), np.float32))
     np.save(tmp_path / "maps" / (ids[4] + ".npy"), np.full((224, 224), np.nan, np.float32))
     np.save(tmp_path / "maps" / (ids[5] + ".npy"), np.full((224, 224), 1.01, np.float32))
     os.remove(tmp_path / "maps" / (ids[6] + ".npy"))
-    with pytest.raises(SystemExit) as err:
-        main([str(a) for a in args(tmp_path, "CUB", "val")])
-    message = str(err.value.code)
-    assert message.startswith("mmcam-evaluate: error: 4 invalid score map(s)")
+    inf = np.zeros((224, 224), np.float32)
+    inf[3, 4] = np.inf
+    np.save(tmp_path / "maps" / (ids[7] + ".npy"), inf)
+    message = fail(capsys, *args(tmp_path, "CUB", "val"))
+    assert message.startswith("mmcam-evaluate: error: 5 invalid score map(s)")
     for image_id, problem in ((ids[1], "expected shape (224, 224), got (100, 100)"), (ids[4], "NaN"),
-                              (ids[5], "values must lie in [0, 1]"), (ids[6], "is missing")):
+                              (ids[5], "values must lie in [0, 1]"), (ids[6], "is missing"),
+                              (ids[7], "1 infinite value(s)")):
         assert f"score map of image {image_id}" in message and problem in message
         assert str(tmp_path / "maps" / (image_id + ".npy")) in message
 
 
-def test_metadata_errors_surface(tmp_path):
+def test_metadata_errors_surface(tmp_path, capsys):
     small_split(tmp_path, "CUB", "val", 4)
     labels = tmp_path / "meta" / "CUB" / "val" / "class_labels.txt"
     labels.write_text("".join(labels.read_text().splitlines(keepends=True)[1:]))  # first image unlabeled
-    with pytest.raises(SystemExit, match=r"class_labels.txt: no label for 1 image"):
-        main([str(a) for a in args(tmp_path, "CUB", "val")])
-    with pytest.raises(SystemExit, match="unknown data set 'pascal'"):
-        main([str(a) for a in args(tmp_path, "pascal", "val")])
-    with pytest.raises(SystemExit, match="metadata folder does not exist"):
-        main([str(a) for a in args(tmp_path, "CUB", "nosplit")])
+    assert re.search(r"class_labels.txt: no label for 1 image", fail(capsys, *args(tmp_path, "CUB", "val")))
+    assert "unknown data set 'pascal'" in fail(capsys, *args(tmp_path, "pascal", "val"))
+    message = fail(capsys, *args(tmp_path, "CUB", "nosplit"))
+    assert "metadata folder does not exist" in message and str(tmp_path / "meta" / "CUB" / "nosplit") in message
 
 
-def test_overlays(tmp_path, capsys):
-    metadata, _ = small_split(tmp_path, "CUB", "val", 4)
+def test_usage_errors_are_one_line_naming_the_flag(tmp_path, capsys):
+    small_split(tmp_path, "CUB", "val", 2)
+    assert "--split" in fail(capsys, "--scoremap-root", tmp_path / "maps", "--metadata-root", tmp_path / "meta",
+                             "--dataset", "CUB")
+    assert "--overlays" in fail(capsys, *args(tmp_path, "CUB", "val", "--overlays", "two"))
+    assert "--workers must be at least 1" in fail(capsys, *args(tmp_path, "CUB", "val", "--workers", 0))
+    assert "cam_curve_interval" in fail(capsys, *args(tmp_path, "CUB", "val", "--cam-curve-interval", 0))
+    assert "--data-root" in fail(capsys, *args(tmp_path, "CUB", "val", "--data-root", tmp_path / "none"))
+    assert "--dataset" in fail(capsys, "--scoremap-root", tmp_path / "maps", "--metadata-root",
+                               tmp_path / "meta", "--split", "val")
+
+
+def test_overlays_spread_over_classes_at_the_images_aspect_ratio(tmp_path, capsys):
+    # two images of each of three classes, listed class by class: --overlays 3 shows one per class
+    full = load_metadata(META / "CUB" / "val")
+    per_class = {}
+    for image_id in full.image_ids:
+        per_class.setdefault(full.labels[image_id], []).append(image_id)
+    ids = [i for label in sorted(per_class)[:3] for i in per_class[label][:2]]
+    write_metadata(tmp_path / "meta" / "CUB" / "val", ids, {i: full.labels[i] for i in ids},
+                   sizes={i: full.sizes[i] for i in ids}, boxes={i: full.boxes[i] for i in ids})
+    metadata = load_metadata(tmp_path / "meta" / "CUB" / "val")
+    gt = gt_boxes_224(metadata)
+    save_scoremaps(tmp_path / "maps", ids, realistic_scoremaps(len(ids), seed=5, gt_boxes=[gt[i] for i in ids]))
     rng = np.random.default_rng(0)
-    for image_id in metadata.image_ids:
+    for image_id in ids:
         path = tmp_path / "images" / image_id
         path.parent.mkdir(parents=True, exist_ok=True)
         w, h = metadata.sizes[image_id]
         cv2.imwrite(str(path), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-    result, _ = run(capsys, *args(tmp_path, "CUB", "val", "--overlays", 2, "--overlay-dir", tmp_path / "ov",
+    result, _ = run(capsys, *args(tmp_path, "CUB", "val", "--overlays", 3, "--overlay-dir", tmp_path / "ov",
                                   "--image-root", tmp_path / "images"))
-    assert result["overlays"] == 2
+    assert result["overlays"] == 3
     written = sorted((tmp_path / "ov").rglob("*.png"))
-    # <overlay-dir>/<image_id>.png, folders and extension of the id kept
+    # <overlay-dir>/<image_id>.png, folders and extension of the id kept; the first image of each class
     assert [p.relative_to(tmp_path / "ov").as_posix() for p in written] == sorted(
-        i + ".png" for i in metadata.image_ids[:2])
-    picture = cv2.imread(str(written[0]))
-    assert picture.shape == (224, 224, 3)
-    gt = gt_boxes_224(metadata)[written[0].relative_to(tmp_path / "ov").as_posix()[:-4]][0]
-    assert tuple(picture[gt[1], (gt[0] + gt[2]) // 2]) == (0, 255, 0)  # green GT box edge (BGR)
-    with pytest.raises(SystemExit, match="--overlays N needs"):
-        main([str(a) for a in args(tmp_path, "CUB", "val", "--overlays", 2)])
+        per_class[label][0] + ".png" for label in sorted(per_class)[:3])
+    for path in written:
+        image_id = path.relative_to(tmp_path / "ov").as_posix()[:-4]
+        picture = cv2.imread(str(path))
+        w, h = metadata.sizes[image_id]
+        shown_h = picture.shape[0] - CAPTION_HEIGHT
+        assert abs(picture.shape[1] / shown_h - w / h) < 0.01, (picture.shape, w, h)  # not squashed
+        colours = {tuple(c) for c in picture.reshape(-1, 3)}
+        assert (0, 255, 0) in colours and (0, 0, 255) in colours  # GT green and prediction red (BGR)
+    assert "--overlays K needs" in fail(capsys, *args(tmp_path, "CUB", "val", "--overlays", 2))

@@ -13,9 +13,9 @@ hole pass, tracing) must be exercised.
 import cv2
 import numpy as np
 import pytest
+from shared_data import shared_data_dir
 
 from mmcam_fast.data.metadata import load_metadata
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.box_fast import box_correct_fast, box_correct_fast_u8_rules, to_uint8

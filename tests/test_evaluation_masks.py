@@ -6,9 +6,9 @@ import os
 import cv2
 import numpy as np
 import pytest
+from shared_data import shared_data_dir
 
 from mmcam_fast.data.metadata import load_metadata, write_metadata
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import MaskEvaluator, load_gt_mask, pxap_from_histograms
 from mmcam_fast.evaluation.synthetic import realistic_scoremaps

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from shared_data import shared_data_dir
 
 from mmcam_fast.data.metadata import load_metadata, write_metadata
-from mmcam_fast.data.shared import shared_data_dir
 from mmcam_fast.errors import DataError
 
 META = shared_data_dir() / "wsol-metadata"

@@ -80,6 +80,8 @@ class WSOLDataset(Dataset):
         class_names: the name of every class label, when known.
         mask_root: the folder mask paths are relative to (mask data sets); default ``image_root``.
         check_files: check at construction that every image (and mask) file exists.
+        split: the split's name (``train``, ``val``, ``test``), for messages; ``--bad-images skip``
+            applies to the train split only.
 
     Raises:
         DataError: the image root does not exist, or images or masks listed in the metadata are
@@ -90,7 +92,7 @@ class WSOLDataset(Dataset):
     def __init__(self, image_root: str | Path, metadata: WSOLMetadata,
                  transform: Callable[[Any], torch.Tensor], *, bad_image_policy: str = "error",
                  class_names: Sequence[str] | None = None, mask_root: str | Path | None = None,
-                 check_files: bool = True) -> None:
+                 check_files: bool = True, split: str = "train") -> None:
         if bad_image_policy not in BAD_IMAGE_POLICIES:
             raise ConfigError(f"--bad-images must be one of {', '.join(BAD_IMAGE_POLICIES)}, "
                               f"got {bad_image_policy!r}")
@@ -99,6 +101,9 @@ class WSOLDataset(Dataset):
         self.metadata = metadata
         self.transform = transform
         self.bad_image_policy = bad_image_policy
+        self.split = split
+        # only the train split may substitute unreadable images (--bad-images skip)
+        self.skippable = split == "train"
         self.classes = list(class_names) if class_names is not None else None
         self.image_ids = list(metadata.image_ids)
         self.labels = [metadata.labels[i] for i in self.image_ids]
@@ -176,6 +181,10 @@ class WSOLDataset(Dataset):
                 return self.transform(load_rgb(path)), label, index
             except UNREADABLE_IMAGE_ERRORS as error:
                 reason = describe_unreadable(path, error)
+                if self.bad_image_policy == "error" and not self.skippable:
+                    raise DataError(f"{path}: cannot read the image ({reason}); every {self.split} image "
+                                    "is scored by the protocol, so fix it or remove it from the split's "
+                                    "metadata (--bad-images applies to the train split only)") from None
                 if self.bad_image_policy == "error":
                     raise DataError(f"{path}: cannot read the image ({reason}); fix or remove it, or pass "
                                     "--bad-images skip to replace unreadable images by others of their "

@@ -6,6 +6,7 @@
 ``--data``      ``--data-root`` and metadata
 ==============  =========================================================================================
 synthetic       generated on first use into ``--data-root`` (default ``runs/data/synthetic``), then reused
+                as it is (a folder made by ``prepare synthetic`` keeps its own sizes; never rewritten)
 tiny-imagenet   a folder made by ``python -m mmcam_fast.data.prepare tiny-imagenet``; or the raw Tiny
                 ImageNet folder, which is then converted (metadata only, no image copies) into
                 ``<cache_root>/tiny-imagenet-<hash of its path>`` and reused from there
@@ -45,15 +46,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mmcam_fast.config import DATA_NAMES
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.metadata import WSOLMetadata, load_metadata
 from mmcam_fast.data.prepare import CLASSES_FILE, ensure_prepared, read_class_names, read_manifest
 from mmcam_fast.data.sampler import LoaderPosition, SetBatchSampler
-from mmcam_fast.data.synthetic import make_synthetic
+from mmcam_fast.data.synthetic import make_synthetic, synthetic_parameters
 from mmcam_fast.data.transforms import eval_transform, train_transform
 from mmcam_fast.errors import ConfigError, DataError, MMCamError
 
-DATA_NAMES = ("synthetic", "tiny-imagenet", "voc", "cub", "imagenet", "openimages")
 BACKENDS = ("auto", "dali", "torch")
 SPLITS = ("train", "val", "test")
 _BENCHMARK_FOLDERS = {"cub": "CUB", "imagenet": "ILSVRC", "openimages": "OpenImages"}
@@ -177,8 +178,10 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
         raise ConfigError(f"--data {data!r} is not a known data set; valid: {', '.join(DATA_NAMES)}")
     cache_root = Path(cache_root)
     if data == "synthetic":
-        root = make_synthetic(Path(data_root) if data_root is not None else cache_root / "synthetic",
-                              **(synthetic or {}))
+        root = Path(data_root) if data_root is not None else cache_root / "synthetic"
+        if synthetic is None:  # a folder made by `prepare synthetic` with its own sizes is read as it is
+            synthetic = synthetic_parameters(root) or {}
+        root = make_synthetic(root, **synthetic)
     elif data in ("tiny-imagenet", "voc"):
         root = _prepared_root(data, _require_root(data, data_root), cache_root)
     else:
@@ -187,6 +190,12 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
     if not meta_root.is_dir():
         raise DataError(f"{meta_root}: metadata folder does not exist (check --metadata-root)")
     metas = {split: _load_split(meta_root, data, split) for split in SPLITS}
+    for split in ("val", "test"):  # the protocol scores localization on these: boxes or masks needed
+        meta = metas[split]
+        if not meta.boxes and not meta.has_masks:
+            loc_file = _split_folder(meta_root, data, split) / "localization.txt"
+            raise DataError(f"{loc_file}: missing or empty; the {split} split needs boxes or masks (the "
+                            "protocol scores localization)")
 
     image_root = _cub_image_root(root, metas["train"]) if data == "cub" else root
     names = _class_names([root, meta_root], metas["train"])
@@ -201,9 +210,35 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
     sets = {split: WSOLDataset(image_root, metas[split], transforms[split],
                                bad_image_policy=bad_image_policy if split == "train" else "error",
                                class_names=names, mask_root=mask_root if mask_root is not None else root,
-                               check_files=check_files)
+                               check_files=check_files, split=split)
             for split in SPLITS}
     return DataSplits(sets["train"], sets["val"], sets["test"], len(names), names, root, meta_root)
+
+
+def check_decodable(dataset: WSOLDataset, *, threads: int = 4) -> None:
+    """Decode every image of ``dataset`` once (in threads: PIL releases the GIL while decoding).
+
+    Raises:
+        DataError: the first unreadable image in the split's order, naming the file and the split.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, describe_unreadable, load_rgb
+
+    def reason(index: int) -> str | None:
+        path = dataset.image_path(index)
+        try:
+            load_rgb(path)
+        except UNREADABLE_IMAGE_ERRORS as error:
+            return describe_unreadable(path, error)
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for index, why in enumerate(pool.map(reason, range(len(dataset)))):
+            if why is not None:
+                raise DataError(f"{dataset.image_path(index)}: cannot read the image ({why}); every "
+                                f"{dataset.split} image is scored by the protocol, so fix it or remove it "
+                                "from the split's metadata (--bad-images applies to the train split only)")
 
 
 def set_batch_sampler(dataset: WSOLDataset, *, sets_per_batch: int, set_size: int, seed: int,

@@ -64,9 +64,17 @@ class WSOLMetadata:
 def _lines(path: Path) -> list[tuple[int, str]]:
     """Non-empty lines of a file with their 1-based line numbers."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: metadata file is missing") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the metadata file ({exc.strerror or exc})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        lineno = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {data[exc.start]:#04x}); metadata files "
+                        "are UTF-8") from None
     return [(i + 1, line.rstrip("\r")) for i, line in enumerate(text.split("\n")) if line.strip()]
 
 

@@ -51,7 +51,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Sequence
@@ -61,10 +60,11 @@ from typing import Any
 
 import numpy as np
 
+from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.data.images import image_size
 from mmcam_fast.data.metadata import write_metadata
 from mmcam_fast.data.synthetic import make_synthetic
-from mmcam_fast.errors import ConfigError, DataError, MMCamError
+from mmcam_fast.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -442,7 +442,7 @@ def ensure_prepared(kind: str, src: str | Path, out: str | Path, **options: Any)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mmcam_fast.data.prepare",
+    parser = ArgumentParser(prog="python -m mmcam_fast.data.prepare",
                                      description="Convert a data set into the WSOL metadata format.")
     parser.add_argument("kind", choices=[*CONVERTERS, "synthetic"], help="the source format")
     parser.add_argument("--src", type=Path, help="the source folder (tiny-imagenet, voc)")
@@ -465,26 +465,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.kind == "synthetic":
-            out = make_synthetic(args.out, num_classes=args.num_classes, train_per_class=args.train_per_class,
-                                 val_per_class=20 if args.val_per_class is None else args.val_per_class,
-                                 test_per_class=args.test_per_class,
-                                 size=args.size, seed=args.seed)
-        else:
-            if args.src is None:
-                raise ConfigError(f"--src is required for {args.kind}")
-            val_per_class = 10 if args.val_per_class is None else args.val_per_class
-            if val_per_class < 1:
-                raise ConfigError(f"--val-per-class must be at least 1, got {val_per_class}")
-            out = CONVERTERS[args.kind](args.src, args.out, val_per_class=val_per_class,
-                                        seed=args.seed, strict_boxes=args.strict_boxes)
-    except MMCamError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    if args.kind == "synthetic":
+        out = make_synthetic(args.out, num_classes=args.num_classes, train_per_class=args.train_per_class,
+                             val_per_class=20 if args.val_per_class is None else args.val_per_class,
+                             test_per_class=args.test_per_class,
+                             size=args.size, seed=args.seed)
+    else:
+        if args.src is None:
+            raise ConfigError(f"--src is required for {args.kind}")
+        val_per_class = 10 if args.val_per_class is None else args.val_per_class
+        if val_per_class < 1:
+            raise ConfigError(f"--val-per-class must be at least 1, got {val_per_class}")
+        out = CONVERTERS[args.kind](args.src, args.out, val_per_class=val_per_class,
+                                    seed=args.seed, strict_boxes=args.strict_boxes)
     print(f"{out}: ready (use it as --data-root)")
     return 0
 
 
+cli = console_entry(main, "mmcam-prepare")
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

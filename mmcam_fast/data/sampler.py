@@ -1,8 +1,8 @@
 """The set-structured batch sampler of MinMaxCAM: N distinct classes x S images per batch.
 
 A batch is a list of ``N * S`` dataset indices in set-major order: indices ``n*S .. n*S+S-1`` form
-set ``n`` and share one class; the ``N`` classes of a batch are distinct (see METHOD.md, "Batch
-layout").
+set ``n`` and share one class; the ``N`` classes of a batch are distinct (see docs/method.md,
+"Batches").
 
 How an epoch is drawn (all of it from one generator seeded by ``(seed, epoch)``, so an epoch is a
 pure function of the seed, the epoch and the labels):

@@ -21,8 +21,9 @@ Layout under ``root`` (the image root and the mask root are ``root`` itself)::
 
 Every image is a function of ``(seed, split, class, i)`` only, so a set is reproducible bit for bit
 and enlarging one split does not change the others. ``make_synthetic`` reuses a complete set made
-with the same parameters and regenerates otherwise; it builds into a temporary sibling folder and
-renames it into place, so concurrent callers (e.g. the ranks of a distributed run) do not collide.
+with the same parameters and refuses (naming the differences) a folder that holds a set made with
+other ones: a prepared folder is never deleted or rewritten. It builds into a temporary sibling folder
+and renames it into place, so concurrent callers (e.g. the ranks of a distributed run) do not collide.
 """
 
 from __future__ import annotations
@@ -155,6 +156,14 @@ def _params(num_classes: int, train_per_class: int, val_per_class: int, test_per
             "val_per_class": val_per_class, "test_per_class": test_per_class, "size": size, "seed": seed}
 
 
+def synthetic_parameters(root: str | Path) -> dict[str, Any] | None:
+    """The keyword arguments of :func:`make_synthetic` that made the set in ``root`` (None: no set)."""
+    params = _read_manifest(Path(root))
+    if params is None:
+        return None
+    return {k: v for k, v in params.items() if k != "version"}
+
+
 def _read_manifest(root: Path) -> dict[str, Any] | None:
     try:
         return json.loads((root / MANIFEST).read_text())
@@ -215,7 +224,8 @@ def make_synthetic(root: str | Path, *, num_classes: int = 4, train_per_class: i
 
     Raises:
         ConfigError: parameters out of range.
-        DataError: ``root`` exists, is not empty and was not made by this function.
+        DataError: ``root`` exists, is not empty and was not made by this function, or holds a
+            synthetic set made with other parameters.
     """
     if not 1 <= num_classes <= 64:
         raise ConfigError(f"synthetic data: num_classes must be in 1..64, got {num_classes}")
@@ -226,11 +236,17 @@ def make_synthetic(root: str | Path, *, num_classes: int = 4, train_per_class: i
         raise ConfigError(f"synthetic data: every split needs at least one image per class, got {counts}")
     root = Path(root)
     params = _params(num_classes, train_per_class, val_per_class, test_per_class, size, seed)
-    if _read_manifest(root) == params:
+    existing = _read_manifest(root)
+    if existing == params:
         return root
-    if root.exists() and any(root.iterdir()) and _read_manifest(root) is None:
+    if existing is not None:
+        differences = ", ".join(f"{key} {existing.get(key)!r} there, {value!r} asked"
+                                for key, value in params.items() if existing.get(key) != value)
+        raise DataError(f"{root}: holds a synthetic set made with other parameters ({differences}); it is "
+                        "never rewritten: choose another --data-root (or --out), or delete the folder")
+    if root.exists() and any(root.iterdir()):
         raise DataError(f"{root}: not empty and holds no {MANIFEST}; the synthetic set is only written "
-                        "into an empty folder or over a synthetic set (choose another --data-root)")
+                        "into an empty folder (choose another --data-root)")
 
     root.parent.mkdir(parents=True, exist_ok=True)
     building = root.parent / f".{root.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -238,7 +254,9 @@ def make_synthetic(root: str | Path, *, num_classes: int = 4, train_per_class: i
         _generate(building, params)
         if root.exists() and _read_manifest(root) == params:  # someone else finished first
             return root
-        if root.exists():  # an empty folder, or a synthetic set with other parameters
+        if root.exists() and _read_manifest(root) is not None:  # a concurrent caller, other parameters
+            raise DataError(f"{root}: another process wrote a synthetic set with other parameters")
+        if root.exists():  # an empty folder
             old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(root, old)

@@ -18,14 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from mmcam_fast.cli import run_main
-from mmcam_fast.data.shared import shared_data_dir
+from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import report
 from mmcam_fast.experiments.execute import run_all
 from mmcam_fast.experiments.plan import IMAGE_SIZE, Schedule, build_plan, select_variants
-
-_DEFAULT_SRC = shared_data_dir() / "tiny-imagenet-5"
 
 
 def _note(message: str) -> None:
@@ -33,11 +30,11 @@ def _note(message: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mmcam_fast.experiments", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--src", type=Path, default=_DEFAULT_SRC,
-                        help="the raw Tiny-ImageNet-5 folder (default: $MMCAM_SHARED_DATA/tiny-imagenet-5, "
-                             "else ../shared/data/tiny-imagenet-5 beside the checkout)")
+    parser = ArgumentParser(prog="mmcam_fast.experiments", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", type=Path, required=True,
+                        help="the raw Tiny-ImageNet-5 folder (`make experiments` passes "
+                             "$(SHARED_DATA)/tiny-imagenet-5)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"), help="run folders")
     parser.add_argument("--report-dir", type=Path, default=Path("experiments/tiny-imagenet-5"),
                         help="tables and plots (the README shows this folder's files)")
@@ -118,5 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(info))
 
 
+cli = console_entry(main, "mmcam-experiments")
+
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    cli()

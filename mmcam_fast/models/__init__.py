@@ -5,21 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.models.backbones import BACKBONES
+from mmcam_fast.models.backbones import BACKBONES, backbone_name
 from mmcam_fast.models.cam_model import CAMModel
 from mmcam_fast.models.pretrained import load_pretrained
 
-__all__ = ["BACKBONES", "CAMModel", "create_model", "load_pretrained", "resolve_backbone_name"]
+__all__ = ["BACKBONES", "CAMModel", "backbone_name", "create_model", "load_pretrained",
+           "resolve_backbone_name"]
 
 
 def resolve_backbone_name(name: str) -> str:
-    """Accept CLI names with or without the ``_cam`` suffix (``resnet50`` -> ``resnet50_cam``)."""
-    key = name.lower().replace("-", "_")
-    key = key if key.endswith("_cam") else f"{key}_cam"
-    if key not in BACKBONES:
-        choices = ", ".join(n.removesuffix("_cam") for n in BACKBONES)
-        raise ConfigError(f"--backbone {name!r}: unknown backbone; choose one of {choices}")
-    return key
+    """The registry key of a backbone name (``VGG16`` -> ``vgg16_cam``), by :func:`backbone_name`."""
+    return f"{backbone_name(name)}_cam"
 
 
 def create_model(name: str, num_classes: int, *, large_feature_map: bool = False,

@@ -7,11 +7,14 @@ into ``backbone`` without renaming; the only new layer inside a backbone is VGG1
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
 from torch import nn
 from torchvision import models as tvm
+
+from mmcam_fast.errors import ConfigError
 
 
 class ResNetCAMBackbone(nn.Module):
@@ -95,6 +98,25 @@ BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "mobilenet_v2_cam": mobilenet_v2_cam,
     "resnet18_cam": resnet18_cam,
 }
+
+
+def backbone_name(name: str) -> str:
+    """The one normalisation of a backbone name: ``VGG16``, ``vgg-16``, ``vgg16_cam`` and ``Vgg16-CAM``
+    are all ``vgg16``; ``mobilenet-v2`` and ``MobileNetV2`` are ``mobilenet_v2``. Presets, the model
+    factory and ``config.yaml`` all use the name this returns.
+
+    Raises:
+        ConfigError: an unknown backbone (naming the flag and the choices).
+    """
+    compact = re.sub(r"[\s_-]", "", str(name).lower()).removesuffix("cam")
+    for key in BACKBONES:
+        short = key.removesuffix("_cam")
+        if compact == short.replace("_", ""):
+            return short
+    choices = ", ".join(n.removesuffix("_cam") for n in BACKBONES)
+    raise ConfigError(f"--backbone {name!r}: unknown backbone; choose one of {choices}")
+
+
 # Layers that a torchvision ImageNet state dict does not have: they start from their initialisation.
 NEW_LAYERS = ("conv6.",)
 # Keys of a torchvision state dict that belong to its ImageNet head, replaced by the CAM head.
