@@ -79,7 +79,7 @@ def run_main(main: Callable[[list[str] | None], Any], argv: list[str] | None = N
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr, flush=True)
         return 130
-    return int(status) if isinstance(status, int) else 0
+    return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
 def console_entry(main: Callable[[list[str] | None], Any], prog: str) -> Callable[[], None]:

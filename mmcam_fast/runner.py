@@ -240,25 +240,25 @@ class _Run:
             else:
                 self.loader.set_epoch(epoch)
             loader_state = None
-            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
-                       leave=False, dynamic_ncols=True, disable=not world.is_main)
-            for images, labels, _ in islice(self.loader, max(0, steps_per_epoch - first)):
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                metrics = trainer.train_step(images, labels)
-                progress.step += 1
-                progress.epoch_step += 1
-                lr = trainer.optimizer.param_groups[0]["lr"]
-                if self.log.add({"step": progress.step, "epoch": epoch + 1, "lr": lr},
-                                {**metrics, "skipped": trainer.guard.last}):
-                    trainer.guard.check(progress.step)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in self.log.last.items()
-                                     if k in ("ce", "acc", "crr", "frr")})
-                bar.update(1)
-                if (config.checkpoint_every and progress.step % config.checkpoint_every == 0
-                        and progress.epoch_step < steps_per_epoch):
-                    self._save({"last.pt": {}})
-            bar.close()
+            # a with-block: an error closes the bar (clearing its line) before the message is printed
+            with tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{config.epochs}",
+                      leave=False, dynamic_ncols=True, disable=not world.is_main) as bar:
+                for images, labels, _ in islice(self.loader, max(0, steps_per_epoch - first)):
+                    images = images.to(device, non_blocking=True)
+                    labels = labels.to(device, non_blocking=True)
+                    metrics = trainer.train_step(images, labels)
+                    progress.step += 1
+                    progress.epoch_step += 1
+                    lr = trainer.optimizer.param_groups[0]["lr"]
+                    if self.log.add({"step": progress.step, "epoch": epoch + 1, "lr": lr},
+                                    {**metrics, "skipped": trainer.guard.last}):
+                        trainer.guard.check(progress.step)
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in self.log.last.items()
+                                         if k in ("ce", "acc", "crr", "frr")})
+                    bar.update(1)
+                    if (config.checkpoint_every and progress.step % config.checkpoint_every == 0
+                            and progress.epoch_step < steps_per_epoch):
+                        self._save({"last.pt": {}})
             trainer.scheduler.step()
             progress.epoch, progress.epoch_step = epoch + 1, 0
             self._end_of_epoch(data, model)

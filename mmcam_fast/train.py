@@ -6,7 +6,8 @@ the newest complete checkpoint (also after torchrun's ``--max-restarts``).
 
 Flags mirror :class:`mmcam_fast.config.TrainConfig`; values not given come from the preset of the
 (data set, backbone) pair, then from the defaults. ``--config FILE`` reads a YAML of the same keys
-(flags given on the command line win).
+(flags given on the command line win). ``--help`` lists each flag's default and the presets that
+change it; ``--data X --backbone Y --help`` shows the values that pair resolves to.
 """
 
 from __future__ import annotations
@@ -221,13 +222,15 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return build_config(values, source=str(config_file) if config_file else "command line")
 
 
-def main(argv: list[str] | None = None) -> None:
-    from mmcam_fast.runner import train
+def main(argv: list[str] | None = None):
+    """Parse, train, and print the summary line (rank 0 alone under torchrun); returns the RunResult."""
+    from mmcam_fast import runner
 
     config = parse_args(argv)
-    result = train(config)
+    result = runner.train(config)
     if result.is_main:  # under torchrun, rank 0 alone reports
         print(result.summary_line(), flush=True)
+    return result
 
 
 cli = console_entry(main, "mmcam-train")

@@ -19,7 +19,7 @@ import torch
 from mmcam_fast import runner
 from mmcam_fast.checkpoint import unwrap
 from mmcam_fast.cli import run_main
-from mmcam_fast.train import parse_args
+from mmcam_fast.train import main as train_main
 
 RANK = int(os.environ.get("RANK", "0"))
 KILL_AT_STEP = int(os.environ.get("MMCAM_TEST_KILL_AT_STEP", "0"))
@@ -41,13 +41,12 @@ class _RecordingTrainer(runner.Trainer):
 
 
 def main(argv: list[str] | None) -> None:
-    config = parse_args(argv)
     runner.Trainer = _RecordingTrainer
-    result = runner.train(config)
+    result = train_main(argv)  # the entry point itself: rank 0 alone prints the summary line
     trainer = _trainers[-1]
     torch.save({"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),
                 "steps": result.steps, "resumed_at": result.resumed_at},
-               Path(config.out) / f"final-rank{RANK}.pt")
+               Path(result.run_dir) / f"final-rank{RANK}.pt")
 
 
 if __name__ == "__main__":

@@ -67,8 +67,19 @@ def _momentum(optimizer_state: dict) -> dict[str, torch.Tensor]:
 def ddp_run(tmp_path_factory, synthetic_root):
     """An uninterrupted two-rank run: its folder."""
     out = tmp_path_factory.mktemp("ddp")
-    _torchrun(out, synthetic_root)
+    result = _torchrun(out, synthetic_root)
+    (out / "stdout.txt").write_text(result.stdout)
     return out
+
+
+def test_under_torchrun_rank_0_alone_prints_the_summary_and_writes_run_files(ddp_run):
+    """Every rank printed a summary line (rank 1's with ``"test": {}``), in racy order."""
+    summaries = [json.loads(line) for line in (ddp_run / "stdout.txt").read_text().splitlines()
+                 if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["test"]["images"] == 80
+    written = sorted(str(p.relative_to(ddp_run)) for p in ddp_run.rglob("*") if p.is_file())
+    assert written == ["checkpoints/last.pt", "config.yaml", "curves.png", "final-rank0.pt", "final-rank1.pt",
+                       "final_metrics.json", "metrics.jsonl", "stdout.txt"]
 
 
 def test_torchrun_two_ranks_end_with_identical_replicas_and_one_checkpoint(ddp_run):
