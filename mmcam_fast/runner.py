@@ -40,6 +40,8 @@ from mmcam_fast.checkpoint import (
     unwrap,
 )
 from mmcam_fast.config import TrainConfig
+from mmcam_fast.console import format_validation
+from mmcam_fast.curves import write_curves
 from mmcam_fast.engine import MetricLog, Trainer
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.models import create_model
@@ -361,33 +363,53 @@ class _Run:
         epoch = progress.epoch
         files: dict[str, dict[str, Any]] = {}
         is_last = epoch == config.epochs
+        val = None
         if data.val is not None and config.eval_every and (epoch % config.eval_every == 0 or is_last):
             if self.world.is_main:  # the others wait in the checkpoint's barrier
                 val = evaluate_localization(model, data.val, device=self.device, loader=eval_loader(config),
-                                            cam_curve_interval=config.cam_curve_interval)
+                                            cam_curve_interval=config.cam_curve_interval, desc="val")
                 val = {"epoch": epoch, **val}
                 progress.val_history.append(val)
                 with (self.run_dir / "val_metrics.jsonl").open("a") as handle:
                     handle.write(json.dumps(val) + "\n")
-                score = val.get("maxboxacc_v2", val.get("pxap", 0.0))
-                if score > progress.best_score:
-                    progress.best_score = score
+                if _selection_score(val) > progress.best_score:
+                    progress.best_score = _selection_score(val)
                     files["best.pt"] = {"val": val}
         files["last.pt"] = {}  # after best.pt, so last.pt is the newer of the two
         self._save(files)
+        if self.world.is_main:
+            if val is not None:
+                best_epoch = max(progress.val_history, key=_selection_score)["epoch"]
+                line = format_validation(val, epochs=config.epochs, best=progress.best_score,
+                                         best_epoch=best_epoch, saved=list(files))
+                print(line, file=sys.stderr, flush=True)
+            self._curves()
+
+    def _curves(self) -> None:
+        """``curves.png`` from the logs; a plotting failure is noted, never the end of a run."""
+        try:
+            write_curves(self.run_dir)
+        except (OSError, ValueError) as exc:
+            _note(f"{self.run_dir / 'curves.png'}: not written ({exc})")
 
     def _final_test(self, data: Any, model: torch.nn.Module) -> dict[str, Any]:
         from mmcam_fast.localization import evaluate_localization
 
         best = self.checkpoints / "best.pt"
         if best.exists():  # the protocol selects the model on val and reports it on test
-            model.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+            model.load_state_dict(load_checkpoint(best, flag="best.pt")["model"])
         if data.test is None:
             return {}
         test_metrics = evaluate_localization(model, data.test, device=self.device,
                                              loader=eval_loader(self.config),
-                                             cam_curve_interval=self.config.cam_curve_interval)
+                                             cam_curve_interval=self.config.cam_curve_interval, desc="test")
         atomic_write_text(self.run_dir / "final_metrics.json", json.dumps(
             {"test": test_metrics, "last_train": self.log.last, "val_history": self.progress.val_history,
              "skipped_steps": self.trainer.guard.state_dict()["skipped"]}, indent=2))
+        self._curves()
         return test_metrics
+
+
+def _selection_score(val: dict[str, Any]) -> float:
+    """The protocol's model-selection score of a validation: MaxBoxAccV2 (boxes) or PxAP (masks)."""
+    return float(val.get("maxboxacc_v2", val.get("pxap", 0.0)))

@@ -15,7 +15,8 @@ import pytest
 from mmcam_fast.cli import run_main
 from mmcam_fast.errors import DataError
 
-SCRIPTS = {"train": ("mmcam-train", "mmcam_fast.train"), "evaluate": ("mmcam-evaluate", "mmcam_fast.evaluate"),
+SCRIPTS = {"train": ("mmcam-train", "mmcam_fast.train"),
+           "evaluate": ("mmcam-evaluate", "mmcam_fast.evaluate"),
            "localize": ("mmcam-localize", "mmcam_fast.localize"),
            "prepare": ("mmcam-prepare", "mmcam_fast.data.prepare"),
            "experiments": ("mmcam-experiments", "mmcam_fast.experiments")}
@@ -37,7 +38,8 @@ def bad_inputs(tmp_path_factory):
     return {
         "train": [(["--backbone", "foo"], "--backbone 'foo'"),
                   (["--out", str(afile)], "is a file"),
-                  (["--data", "voc", "--data-root", str(latin), "--out", str(root / "o1")], "image_ids.txt:2"),
+                  (["--data", "voc", "--data-root", str(latin), "--out", str(root / "o1")],
+                   "image_ids.txt:2"),
                   (["--no-such-flag"], "--no-such-flag"),
                   (["--epochs", "many"], "--epochs")],
         "evaluate": [(["--dataset", "CUB"], "--scoremap-root"),

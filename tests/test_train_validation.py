@@ -96,8 +96,9 @@ def test_the_readme_voc_example_runs_on_fruit_voc_with_the_preset(tmp_path, monk
 
     monkeypatch.chdir(tmp_path)  # the raw folder is converted into runs/data/ of the working folder
     voc = str(shared_data_dir() / "fruit-voc")
-    argv = ["--backbone", "resnet18", "--data", "voc", "--data-root", voc, "--image-size", "32", "--epochs", "1",
-            "--max-steps-per-epoch", "1", "--workers", "0", "--impl", "reference", "--loader", "torch"]
+    argv = ["--backbone", "resnet18", "--data", "voc", "--data-root", voc, "--image-size", "32",
+            "--epochs", "1", "--max-steps-per-epoch", "1", "--workers", "0", "--impl", "reference",
+            "--loader", "torch"]
     assert run_main(train_main, [*argv, "--out", "run"]) == 0
     assert "using all 3" in capsys.readouterr().err
     import yaml
