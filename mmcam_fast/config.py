@@ -1,12 +1,16 @@
-"""Typed training configuration and the presets per (data set, backbone).
+"""Typed training configuration, the presets per (data set, backbone) and the recipes.
 
-Precedence: dataclass defaults < preset of (data, backbone) < values given on the command line.
-Unknown keys fail fast with the name of the key.
+Precedence: dataclass defaults < backbone preset < data-set preset < recipe (``--recipe``) < values
+given in ``--config`` or on the command line. Settings left open (None) after that are resolved from
+the recipe. Unknown keys fail fast with the name of the key.
+``config.yaml`` ends with a comment block saying where each value came from.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ from typing import Any
 import yaml
 
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.models.backbones import backbone_name
+from mmcam_fast.models.backbones import backbone_name, check_feature_stride
 
 # the --data names (mmcam_fast.data.loaders maps each to its folders and metadata)
 DATA_NAMES = ("synthetic", "tiny-imagenet", "voc", "cub", "imagenet", "openimages")
@@ -28,10 +32,21 @@ class TrainConfig:
     data_root: str | None = None
     metadata_root: str | None = None
     backbone: str = "resnet18"
-    large_feature_map: bool = False
+    # output stride of the feature map: 8 (28x28 at 224), 16 (14x14), 32 (7x7); the released code's
+    # geometry by default (8; the vgg16 preset: 16, the only stride VGG16-CAM has)
+    feature_stride: int = 8
     pretrained: str | None = None
+    # "paper" (the paper's text) or "authors" (the released training code point by point); see README
+    recipe: str = "paper"
     image_size: int = 224  # crop size C; train resize R = round(C * 8 / 7) (256 at 224)
-    vertical_flip: bool = False  # the authors' extra train-time vertical flip
+    vertical_flip: bool = False  # the authors' extra train-time vertical flip (recipe: authors)
+    # train-time flips before the random crop (the released code's order) instead of after it
+    flip_before_crop: bool = False
+    # what Stage II's optimizer step moves: "fc_weight" (the paper: fc.weight and its momentum only)
+    # or "all" (the released code: zero gradients elsewhere, so weight decay and momentum move every
+    # parameter a second time per batch)
+    stage2_step: str = "fc_weight"
+    conv6_init: str = "kaiming"  # VGG16-CAM's conv6: "kaiming" (He normal, zero bias) or "default"
     set_size: int = 5  # S images per set
     sets_per_batch: int = 12  # N distinct classes per batch
     sample_with_replacement: bool = False
@@ -70,16 +85,34 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses (0: never)
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm (Stage I batch statistics over all ranks)
     dist_timeout_min: float = 60.0  # torchrun: collective timeout (rank 0 validates while others wait)
-    out: str = "runs/train"
+    # the run folder; None: a new one, runs/<data>-<backbone>-<date>-<time> (under torchrun named
+    # after the run id, the same on every rank and after a restart)
+    out: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """``config.yaml``: the values, then (as comments) where each one came from."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        sources: dict[str, str] = getattr(self, "sources", {})
+        if sources:
+            by_source: dict[str, list[str]] = {}
+            for key, where in sources.items():
+                by_source.setdefault(where, []).append(key)
+            text += ("# where each value came from (defaults < backbone preset < data preset < recipe "
+                     "< --config/flags):\n")
+            text += "".join(f"#   {where}: {', '.join(keys)}\n" for where, keys in by_source.items())
+        Path(path).write_text(text)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        values = dict(values)
+        if "large_feature_map" in values:  # the flag --feature-stride replaced (older checkpoints)
+            large = values.pop("large_feature_map")
+            resnet = str(values.get("backbone", cls.backbone)).startswith("resnet")
+            if values.get("feature_stride") is None and resnet:
+                values["feature_stride"] = 8 if large else 16
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -103,6 +136,10 @@ class TrainConfig:
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0 (0: never stop)"),
             (self.dist_timeout_min > 0, "--dist-timeout-min must be positive"),
             (self.resume is None or self.resume != "", "--resume takes 'auto' or a checkpoint file"),
+            (self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
+            (self.stage2_step in STAGE2_STEPS,
+             f"--stage2-step must be one of {', '.join(STAGE2_STEPS)}"),
+            (self.conv6_init in ("kaiming", "default"), "--conv6-init must be 'kaiming' or 'default'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -114,7 +151,7 @@ class TrainConfig:
 # Nesterov, lr 1e-4, classifier x10, wd 5e-4, 200 epochs with decay at 50 and 100 on CUB). ImageNet
 # and OpenImages schedules follow the evaluation benchmark's (10 epochs on ImageNet).
 _BACKBONE_PRESETS: dict[str, dict[str, Any]] = {
-    "vgg16": {"lambda_crr": 1.0, "lambda_frr": 10.0, "sets_per_batch": 12},
+    "vgg16": {"lambda_crr": 1.0, "lambda_frr": 10.0, "sets_per_batch": 12, "feature_stride": 16},
     "resnet50": {"lambda_crr": 1.0, "lambda_frr": 1.0, "sets_per_batch": 10},
     "mobilenet_v2": {"lambda_crr": 10.0, "lambda_frr": 1.0, "sets_per_batch": 12},
     "resnet18": {"lambda_crr": 1.0, "lambda_frr": 1.0, "sets_per_batch": 12},
@@ -128,11 +165,41 @@ _DATA_PRESETS: dict[str, dict[str, Any]] = {
     # lambdas stay at the paper's 1 and 1 with S = 5: in the Tiny-ImageNet-5 study (README,
     # Experiments) that setting tied plain CAM for the best val MaxBoxAccV2 of all variants.
     "tiny-imagenet": {"epochs": 10, "lr_milestones": [7], "image_size": 64, "sets_per_batch": 5,
-                      "lr": 0.01, "classifier_lr_mult": 1.0, "large_feature_map": True},
+                      "lr": 0.01, "classifier_lr_mult": 1.0},
     # The built-in default of the README's first command: a CPU run of a few minutes.
     "synthetic": {"epochs": 6, "lr_milestones": [5], "image_size": 64, "sets_per_batch": 4,
-                  "lr": 0.01, "classifier_lr_mult": 1.0, "large_feature_map": True},
+                  "lr": 0.01, "classifier_lr_mult": 1.0},
 }
+STAGE2_STEPS = ("fc_weight", "all")
+# The recipes (--recipe). "paper": what the paper states, where the released code differs from it.
+# "authors": the released training code wherever the paper does not say otherwise: its Stage II step
+# as it runs under the PyTorch 1.x it was written for (zero_grad() leaves zero gradients, so weight
+# decay and Nesterov momentum move every parameter), its train transform (resize, horizontal and
+# vertical flips, then the random crop), PyTorch's default conv6 initialisation, lambda 1 / 1 and its
+# batch default of 5 sets. The geometry (28x28 at 224) is the released code's in both.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {"vertical_flip": False, "flip_before_crop": False, "stage2_step": "fc_weight",
+              "conv6_init": "kaiming"},
+    "authors": {"vertical_flip": True, "flip_before_crop": True, "stage2_step": "all",
+                "conv6_init": "default", "lambda_crr": 1.0, "lambda_frr": 1.0, "sets_per_batch": 5},
+}
+
+
+def default_run_folder(data: str, backbone: str) -> str:
+    """A new run folder's name: ``runs/<data>-<backbone>-<YYYYmmdd-HHMMSS>`` (a suffix when taken).
+
+    Under torchrun the ranks (and a worker group restarted by ``--max-restarts``) must agree on the
+    folder, so it is named after torchrun's run id instead of the time.
+    """
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"runs/{data}-{backbone}-{run_id}"
+    stem = f"runs/{data}-{backbone}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, k = stem, 1
+    while Path(name).exists():
+        k += 1
+        name = f"{stem}-{k}"
+    return name
 
 
 def preset(data: str, backbone: str) -> dict[str, Any]:
@@ -140,27 +207,44 @@ def preset(data: str, backbone: str) -> dict[str, Any]:
 
     ``backbone`` may be spelled any way :func:`mmcam_fast.models.backbones.backbone_name` accepts.
     """
-    backbone = backbone_name(backbone)
-    values: dict[str, Any] = {}
-    values.update(_BACKBONE_PRESETS[backbone])
-    values.update(_DATA_PRESETS.get(data, {}))
-    if backbone not in ("resnet50", "resnet18"):
-        values.pop("large_feature_map", None)
+    return {key: value for key, (value, _) in _layers(data, backbone_name(backbone), None).items()}
+
+
+def _layers(data: str, backbone: str, recipe: str | None) -> dict[str, tuple[Any, str]]:
+    """Preset and recipe values with where each came from, in precedence order."""
+    values: dict[str, tuple[Any, str]] = {}
+    for where, layer in ((f"preset backbone={backbone}", _BACKBONE_PRESETS[backbone]),
+                         (f"preset data={data}", _DATA_PRESETS.get(data, {})),
+                         (f"recipe {recipe}", RECIPES.get(recipe, {}) if recipe else {})):
+        values.update({key: (value, where) for key, value in layer.items()})
     return values
 
 
 def build_config(overrides: dict[str, Any], *, source: str = "command line") -> TrainConfig:
-    """Defaults, then the preset of (data, backbone), then ``overrides`` (values that are not None)."""
+    """Defaults, then the presets of (data, backbone), then the recipe, then ``overrides`` (values that
+    are not None)."""
     given = {k: v for k, v in overrides.items() if v is not None}
     if "backbone" in given:  # one normalisation, before anything reads the name
         given["backbone"] = backbone_name(given["backbone"])
     if "data" in given and given["data"] not in DATA_NAMES:
         raise ConfigError(f"--data {given['data']!r} is not a known data set; valid: {', '.join(DATA_NAMES)}")
     base = TrainConfig.from_dict(given, source=source)
-    values = preset(base.data, base.backbone)
+    if base.recipe not in RECIPES:
+        raise ConfigError(f"--recipe {base.recipe!r}: expected one of {', '.join(RECIPES)}")
+    layered = _layers(base.data, base.backbone, base.recipe)
+    values = {key: value for key, (value, _) in layered.items()}
+    sources = {key: where for key, (_, where) in layered.items()}
     values.update(given)
+    sources.update({key: source for key in given})
     config = TrainConfig.from_dict(values, source=source)
     config.validate()
+    check_feature_stride(config.backbone, config.feature_stride)
+    if config.out is None:
+        if config.resume is not None:
+            raise ConfigError("--resume needs --out, the run folder to continue")
+        config.out = default_run_folder(config.data, config.backbone)
+        sources["out"] = "a new run folder"
     # which values the user chose (flags, --config): a preset's value may adapt to the data, these not
     config.explicit = frozenset(given)
+    config.sources = sources
     return config

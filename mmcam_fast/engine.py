@@ -233,17 +233,24 @@ class Trainer:
     def stage2_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Stage II: CRR/FRR through the frozen backbone, backward into fc.weight only, step.
 
-        Every gradient is None after zero_grad; the Stage II losses give fc.weight the only one, and
-        SGD skips parameters without a gradient, so their values and momentum buffers stay
-        bit-identical. BatchNorm buffers are untouched: the backbone runs in eval mode. Under DDP the
-        fc.weight gradient is averaged over the ranks here (DDP's reducer does not see this backward).
+        With ``stage2_step="fc_weight"`` (the paper recipe) every gradient is None after zero_grad;
+        the Stage II losses give fc.weight the only one, and SGD skips parameters without a
+        gradient, so their values and momentum buffers stay bit-identical. With ``"all"`` (the
+        authors recipe) the other gradients are zeros and the step moves them by weight decay and
+        momentum, as the released code's step does. BatchNorm buffers are untouched: the backbone runs
+        in eval mode. Under DDP the fc.weight gradient is averaged over the ranks here (DDP's reducer
+        does not see this backward).
         """
         return self._stage2_update(images, labels)[0]
 
     def _stage2_update(self, images: torch.Tensor, labels: torch.Tensor
                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         config = self.config
-        self.optimizer.zero_grad(set_to_none=True)
+        # "fc_weight" (the paper): every gradient None, so SGD moves fc.weight (and its momentum)
+        # alone. "all" (the released code, under the PyTorch 1.x it was written for, where
+        # zero_grad() zeroed the gradients in place): Stage I's gradients become zeros, so the step
+        # applies weight decay and Nesterov momentum to every parameter that has one.
+        self.optimizer.zero_grad(set_to_none=config.stage2_step != "all")
         plain = unwrap(self.model)
         if self.fast:
             if self.folded is not None:

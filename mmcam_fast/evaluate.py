@@ -54,14 +54,26 @@ from mmcam_fast.evaluation import (
     evaluate_scoremaps,
     iter_scoremaps,
     load_scoremap,
+    select_overlay_ids,
     write_overlays,
 )
-from mmcam_fast.evaluation.overlays import select_overlay_ids
 from mmcam_fast.evaluation.protocol import MASK_DATASETS, is_benchmark, split_folder
+
+EPILOG = """score-map mode, a benchmark (metadata in <metadata-root>/<CUB|ILSVRC|OpenImages>/<split>/):
+  mmcam-evaluate --scoremap-root MAPS --metadata-root metadata --dataset CUB --split test
+score-map mode, a data set made by `python -m mmcam_fast.data.prepare synthetic|voc|tiny-imagenet`
+(data set, metadata, masks and images read from the folder):
+  mmcam-evaluate --scoremap-root MAPS --data-root runs/data/synthetic --split test
+  mmcam-evaluate --scoremap-root MAPS --data-root runs/data/synthetic \\
+      --metadata-root runs/data/synthetic/metadata-masks --split test        (PxAP on its masks)
+checkpoint mode:
+  mmcam-evaluate --checkpoint runs/x/checkpoints/best.pt --split val --export-scoremaps MAPS
+input errors: one line on stderr, exit status 2"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="mmcam-evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="mmcam-evaluate", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path,
                         help="mode (b): a training checkpoint; CAMs are computed from it")
     parser.add_argument("--data", help="mode (b): data set name (default: the checkpoint's)")
@@ -173,6 +185,8 @@ def resolve_scoremap_inputs(args: argparse.Namespace) -> str:
         ConfigError: missing or contradicting flags, naming them.
         DataError: a ``--data-root`` that is not a folder or not a prepared one.
     """
+    if args.scoremap_root is not None and not args.scoremap_root.is_dir():
+        raise DataError(f"--scoremap-root {args.scoremap_root}: folder does not exist")
     if args.data is not None:
         raise ConfigError("--data names the data set of --checkpoint mode; with --scoremap-root use "
                           "--dataset (or --data-root of a prepared folder)")

@@ -1,6 +1,6 @@
 """The MinMaxCAM method: Stage I classification loss and Stage II CRR / FRR losses.
 
-This module is the specification in code (``../shared/design/METHOD.md``). The reference path below
+This module is the specification in code (``docs/method.md``). The reference path below
 is literal, fp32-friendly PyTorch; every fast path (``impl="triton"`` / ``"auto"``, which go through
 :mod:`mmcam_fast.ops`) is tested against it for values and for the fc.weight gradient.
 """

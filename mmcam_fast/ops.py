@@ -62,7 +62,7 @@ def cam_mask(
     *,
     impl: str | None = None,
 ) -> torch.Tensor:
-    """Images masked by their min-max normalised, upsampled CAMs (METHOD.md Stage II steps 3-6).
+    """Images masked by their min-max normalised, upsampled CAMs (docs/method.md Stage II steps 3-6).
 
     Args:
         features: backbone feature maps ``[B, K, h, w]``, not requiring grad.
@@ -82,7 +82,7 @@ def cam_mask(
 def set_regularizers(
     f: torch.Tensor, f_orig: torch.Tensor, set_size: int, *, impl: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CRR and FRR losses of MinMaxCAM (METHOD.md Stage II step 8).
+    """The CRR and FRR losses of MinMaxCAM (docs/method.md Stage II step 8).
 
     Args:
         f: pooled features of the masked images ``[B, K]``, set-major order.

@@ -39,7 +39,7 @@ from mmcam_fast.checkpoint import (
     rng_state,
     unwrap,
 )
-from mmcam_fast.config import TrainConfig
+from mmcam_fast.config import TrainConfig, default_run_folder
 from mmcam_fast.console import format_validation
 from mmcam_fast.curves import write_curves
 from mmcam_fast.engine import MetricLog, Trainer
@@ -52,7 +52,8 @@ from mmcam_fast.run_folder import atomic_write_text, keep_lines, open_run_folder
 DECODE_CHECK_MAX_IMAGES = 5000
 
 # Settings a run cannot change when it resumes: they define the model or the batch sequence.
-_FIXED_ON_RESUME = ("data", "backbone", "large_feature_map", "image_size", "vertical_flip", "set_size",
+_FIXED_ON_RESUME = ("data", "backbone", "feature_stride", "image_size", "vertical_flip", "flip_before_crop",
+                    "set_size",
                     "sets_per_batch", "sample_with_replacement", "seed")
 
 
@@ -154,6 +155,8 @@ class _Run:
         self.config = config
         self.world = world
         self.device = device
+        if config.out is None:
+            config.out = default_run_folder(config.data, config.backbone)
         self.run_dir = Path(config.out)
         self.checkpoints = self.run_dir / "checkpoints"
         self.progress = _Progress()
@@ -198,7 +201,8 @@ class _Run:
         loaded = distributed.on_main(self._open_folder, resume)
 
         data = build_datasets(config.data, config.data_root, metadata_root=config.metadata_root,
-                              image_size=config.image_size, vertical_flip=config.vertical_flip,
+                              image_size=config.image_size, vertical_flip=bool(config.vertical_flip),
+                              flip_before_crop=bool(config.flip_before_crop),
                               bad_image_policy=config.bad_images)
         if world.is_main and len(data.val) + len(data.test) <= DECODE_CHECK_MAX_IMAGES:
             for split in (data.val, data.test):
@@ -218,8 +222,8 @@ class _Run:
         if config.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
-        model = create_model(config.backbone, data.num_classes, large_feature_map=config.large_feature_map,
-                             pretrained=config.pretrained)
+        model = create_model(config.backbone, data.num_classes, feature_stride=config.feature_stride,
+                             conv6_init=config.conv6_init or "kaiming", pretrained=config.pretrained)
         if config.init and loaded is None:  # a resumed run has its own weights
             _init_weights(model, config.init)
         model = model.to(device)
@@ -290,6 +294,8 @@ class _Run:
                   f"{config.sets_per_batch}: using all {num_classes} (a batch of {num_classes} x "
                   f"{config.set_size} images)")
         config.sets_per_batch = num_classes
+        if hasattr(config, "sources"):
+            config.sources["sets_per_batch"] = f"fitted to the data set's {num_classes} classes"
 
     def _restore(self, path: str, state: dict[str, Any]) -> dict[str, Any] | None:
         """Load a checkpoint into the trainer; returns the loader state when it was taken mid-epoch."""

@@ -29,7 +29,14 @@ _HELP = {
     "data_root": "image root of the data set (synthetic: where to generate it)",
     "metadata_root": "WSOL metadata root",
     "backbone": "vgg16, resnet50, mobilenet_v2 or resnet18 (the _cam suffix is optional)",
-    "large_feature_map": "ResNet: layer3 at stride 1 too (28x28 maps at 224)",
+    "feature_stride": "output stride of the feature map: 8 (28x28 at 224), 16 (14x14), 32 (7x7, "
+                      "torchvision's); the default is the released code's geometry (vgg16: 16 only)",
+    "recipe": "paper (the paper's text) or authors (the released training code: Stage II step on every "
+              "parameter, vertical flip, flips before the crop, default conv6 init, lambda 1/1, N 5)",
+    "flip_before_crop": "train-time flips before the random crop (the released code's order)",
+    "stage2_step": "what Stage II's step moves: fc_weight (the paper) or all (the released code: weight "
+                   "decay and momentum on every parameter)",
+    "conv6_init": "VGG16-CAM's conv6 initialisation: kaiming (He normal, zero bias) or default (PyTorch's)",
     "pretrained": "local torchvision state dict for the backbone (never downloaded)",
     "image_size": "crop size; the train resize is round(size * 8 / 7)",
     "vertical_flip": "add the authors' random vertical flip to the train transform",

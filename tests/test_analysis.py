@@ -24,7 +24,7 @@ def test_distances_to_the_class_centre_by_hand():
 def test_feature_dispersion_of_a_model_on_a_split(tmp_path):
     data = build_datasets("synthetic", tmp_path / "synthetic", image_size=32)
     torch.manual_seed(0)
-    model = create_model("resnet18", data.num_classes, large_feature_map=True)
+    model = create_model("resnet18", data.num_classes, feature_stride=8)
     result = feature_dispersion(model, data.test, batch_size=7)
     assert result["images"] == len(data.test)
     for name in ("f", "f_o"):

@@ -47,8 +47,7 @@ def test_help_shows_the_per_preset_defaults(capsys, monkeypatch):
     assert "(default: 1.0; 10.0 for vgg16)" in _flag_line(text, "lambda_frr")
     assert "(default: 1.0; 10.0 for mobilenet_v2)" in _flag_line(text, "lambda_crr")
     assert "10 for resnet50" in _flag_line(text, "sets_per_batch")
-    assert ("True for synthetic, tiny-imagenet with resnet18, resnet50"
-            in _flag_line(text, "large_feature_map"))
+    assert "(default: 8; 16 for vgg16)" in _flag_line(text, "feature_stride")
     assert "[50, 100] for cub" in _flag_line(text, "lr_milestones")
     assert "(default: 0.9)" in _flag_line(text, "momentum")  # no preset: its one default
     assert "(default: on CUDA only)" in _flag_line(text, "compile")
@@ -59,10 +58,10 @@ def test_help_for_a_pair_shows_the_resolved_values(capsys, monkeypatch):
     assert "(default: 10.0 with --data cub --backbone vgg16)" in _flag_line(text, "lambda_frr")
     assert "(default: 200 with --data cub --backbone vgg16)" in _flag_line(text, "epochs")
     assert "(default: 224 with" in _flag_line(text, "image_size")
-    assert "(default: False)" in _flag_line(text, "large_feature_map")
+    assert "(default: 16 with" in _flag_line(text, "feature_stride")
     text = _help(["--data=tiny-imagenet", "--backbone", "resnet50_cam"], capsys, monkeypatch)
     assert "(default: 5 with" in _flag_line(text, "sets_per_batch")
-    assert "(default: True with" in _flag_line(text, "large_feature_map")
+    assert "(default: 8)" in _flag_line(text, "feature_stride")  # no preset for the pair: the default
     text = _help(["--backbone", "vgg16"], capsys, monkeypatch)  # one of the two: the rest still varies
     assert "(default: 10.0 with --backbone vgg16)" in _flag_line(text, "lambda_frr")
     assert "(default: 224; 64 for synthetic, tiny-imagenet)" in _flag_line(text, "image_size")
@@ -240,7 +239,7 @@ def small_eval(tmp_path_factory):
                           synthetic={"num_classes": 2, "train_per_class": 2, "val_per_class": 3,
                                      "test_per_class": 2})
     torch.manual_seed(0)
-    model = create_model("resnet18", data.num_classes, large_feature_map=True).eval()
+    model = create_model("resnet18", data.num_classes, feature_stride=8).eval()
     return model, data
 
 

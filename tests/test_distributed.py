@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "--monitor-interval", "0.2"]
 STEPS_PER_EPOCH = 3
-TRAIN_FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--no-large-feature-map",
+TRAIN_FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--feature-stride", "16",
                "--image-size", "32", "--epochs", "2", "--max-steps-per-epoch", str(STEPS_PER_EPOCH),
                "--sets-per-batch", "2",
                "--set-size", "3", "--impl", "reference", "--loader", "torch", "--workers", "0",

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import cv2
 import pytest
 import yaml
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.evaluate import main as evaluate_main
+from mmcam_fast.evaluation.overlays import CAPTION_HEIGHT
 from mmcam_fast.localize import main as localize_main
 
 
@@ -20,37 +24,48 @@ def _last_json(capsys) -> dict:
 def test_checkpoint_mode_matches_training_validation_and_exports(finished_run, tmp_path, capsys):
     best = finished_run / "checkpoints" / "best.pt"
     evaluate_main(["--checkpoint", str(best), "--split", "val", "--export-scoremaps", str(tmp_path / "maps"),
-                   "--overlays", "2", "--overlay-dir", str(tmp_path / "overlays")])
+                   "--overlays", "4", "--overlay-dir", str(tmp_path / "overlays")])
     result = _last_json(capsys)
     val_rows = [json.loads(line) for line in (finished_run / "val_metrics.jsonl").read_text().splitlines()]
     best_val = max(val_rows, key=lambda r: r["maxboxacc_v2"])
     for key in ("maxboxacc", "maxboxacc_v2", "gt_known_loc", "top1_loc", "top5_loc", "top1_cls"):
         assert result[key] == pytest.approx(best_val[key], abs=1e-9), key
-    assert result["overlays"] == 2 and len(list((tmp_path / "overlays").rglob("*.png"))) == 2
     maps = sorted((tmp_path / "maps").rglob("*.npy"))
     assert len(maps) == result["images"]
-
-    # The exported maps through mode (a) give the same box metrics.
     config = yaml.safe_load((finished_run / "config.yaml").read_text())
     data_root = Path(config["data_root"])
-    meta_root = tmp_path / "meta"
-    (meta_root / "CUB").mkdir(parents=True)
-    (meta_root / "CUB" / "val").symlink_to(data_root / "metadata" / "val")
-    evaluate_main(["--scoremap-root", str(tmp_path / "maps"), "--metadata-root", str(meta_root),
-                   "--dataset", "cub", "--split", "val"])
+    metadata = load_metadata(data_root / "metadata" / "val")
+
+    # overlays of 4 images: one per class (round-robin), at the images' aspect ratio (64x64: square)
+    written = sorted((tmp_path / "overlays").rglob("*.png"))
+    assert result["overlays"] == 4 and len(written) == 4
+    ids = [p.relative_to(tmp_path / "overlays").as_posix()[:-4] for p in written]
+    assert sorted(metadata.labels[i] for i in ids) == [0, 1, 2, 3]
+    picture = cv2.imread(str(written[0]))
+    assert picture.shape[1] == picture.shape[0] - CAPTION_HEIGHT
+
+    # The exported maps through mode (a), from the prepared data folder, give the same box metrics.
+    evaluate_main(["--scoremap-root", str(tmp_path / "maps"), "--data-root", str(data_root),
+                   "--split", "val"])
     from_files = _last_json(capsys)
-    for key in ("maxboxacc", "maxboxacc_v2", "per_iou", "best_threshold"):
+    assert from_files["dataset"] == "synthetic" and from_files["images"] == result["images"]
+    for key in ("maxboxacc", "maxboxacc_v2", "per_iou", "best_threshold", "maxboxacc_threshold"):
         assert from_files[key] == result[key], key
 
 
+def _evaluate_error(capsys, *argv) -> str:
+    assert run_main(evaluate_main, [str(a) for a in argv], prog="mmcam-evaluate") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmcam-evaluate: error: ")
+    return lines[0]
+
+
 def test_checkpoint_mode_errors(finished_run, tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--checkpoint .*not found"):
-        evaluate_main(["--checkpoint", str(tmp_path / "none.pt")])
-    with pytest.raises(SystemExit, match="two modes"):
-        evaluate_main(["--checkpoint", str(finished_run / "checkpoints" / "last.pt"),
-                       "--scoremap-root", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--scoremap-root, --metadata-root"):
-        evaluate_main(["--dataset", "CUB"])
+    message = _evaluate_error(capsys, "--checkpoint", tmp_path / "none.pt")
+    assert re.search("--checkpoint .*not found", message)
+    assert "two modes" in _evaluate_error(capsys, "--checkpoint", finished_run / "checkpoints" / "last.pt",
+                                          "--scoremap-root", tmp_path)
+    assert "--scoremap-root, --metadata-root" in _evaluate_error(capsys, "--dataset", "CUB")
 
 
 def test_localize_own_images(finished_run, tmp_path, capsys):

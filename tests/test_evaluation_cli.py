@@ -6,7 +6,6 @@ import re
 
 import cv2
 import numpy as np
-import pytest
 from shared_data import shared_data_dir
 
 from mmcam_fast.cli import run_main
@@ -138,17 +137,20 @@ def test_metadata_errors_surface(tmp_path, capsys):
     assert re.search(r"class_labels.txt: no label for 1 image", fail(capsys, *args(tmp_path, "CUB", "val")))
     assert "unknown data set 'pascal'" in fail(capsys, *args(tmp_path, "pascal", "val"))
     message = fail(capsys, *args(tmp_path, "CUB", "nosplit"))
-    assert "metadata folder does not exist" in message and str(tmp_path / "meta" / "CUB" / "nosplit") in message
+    assert "metadata folder does not exist" in message
+    assert str(tmp_path / "meta" / "CUB" / "nosplit") in message
 
 
 def test_usage_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     small_split(tmp_path, "CUB", "val", 2)
-    assert "--split" in fail(capsys, "--scoremap-root", tmp_path / "maps", "--metadata-root", tmp_path / "meta",
-                             "--dataset", "CUB")
+    assert "--split" in fail(capsys, "--scoremap-root", tmp_path / "maps", "--metadata-root",
+                             tmp_path / "meta", "--dataset", "CUB")
     assert "--overlays" in fail(capsys, *args(tmp_path, "CUB", "val", "--overlays", "two"))
     assert "--workers must be at least 1" in fail(capsys, *args(tmp_path, "CUB", "val", "--workers", 0))
     assert "cam_curve_interval" in fail(capsys, *args(tmp_path, "CUB", "val", "--cam-curve-interval", 0))
     assert "--data-root" in fail(capsys, *args(tmp_path, "CUB", "val", "--data-root", tmp_path / "none"))
+    assert "--scoremap-root" in fail(capsys, "--scoremap-root", tmp_path / "none", "--metadata-root",
+                                     tmp_path / "meta", "--dataset", "CUB", "--split", "val")
     assert "--dataset" in fail(capsys, "--scoremap-root", tmp_path / "maps", "--metadata-root",
                                tmp_path / "meta", "--split", "val")
 
@@ -164,7 +166,8 @@ def test_overlays_spread_over_classes_at_the_images_aspect_ratio(tmp_path, capsy
                    sizes={i: full.sizes[i] for i in ids}, boxes={i: full.boxes[i] for i in ids})
     metadata = load_metadata(tmp_path / "meta" / "CUB" / "val")
     gt = gt_boxes_224(metadata)
-    save_scoremaps(tmp_path / "maps", ids, realistic_scoremaps(len(ids), seed=5, gt_boxes=[gt[i] for i in ids]))
+    maps = realistic_scoremaps(len(ids), seed=5, gt_boxes=[gt[i] for i in ids])
+    save_scoremaps(tmp_path / "maps", ids, maps)
     rng = np.random.default_rng(0)
     for image_id in ids:
         path = tmp_path / "images" / image_id

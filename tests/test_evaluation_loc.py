@@ -79,7 +79,7 @@ def test_loc_accuracy_fed_from_the_box_evaluators_pass_equals_its_own():
     assert seen == list(maps)  # input order, whatever the threads
     assert fed.compute() == own.compute()
     np.testing.assert_array_equal(fed.gt_known, single.num_correct[0])
-    with pytest.raises(ValueError, match="booleans for 100 CAM thresholds"):
+    with pytest.raises(DataError, match=r"image a: expected 100 booleans .*shape \(3,\)"):
         fed.add(np.zeros(3, bool), "a", [1])
     with pytest.raises(DataError, match="image zz: no label"):
         fed.add(np.zeros(100, bool), "zz", [1])

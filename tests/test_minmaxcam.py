@@ -54,7 +54,7 @@ def bilinear_upsample_loop(small: torch.Tensor, out_h: int, out_w: int) -> torch
 
 
 def explicit_stage2(backbone, weight, images, labels, set_size):
-    """METHOD.md Stage II, one image at a time, CRR over explicit pairs i<j."""
+    """docs/method.md Stage II, one image at a time, CRR over explicit pairs i<j."""
     backbone = copy.deepcopy(backbone).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)

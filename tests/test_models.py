@@ -10,15 +10,22 @@ from mmcam_fast.errors import ConfigError
 from mmcam_fast.models import create_model, resolve_backbone_name
 
 
-@pytest.mark.parametrize("name,large,channels,side", [
-    ("vgg16", False, 1024, 14),
-    ("resnet50", False, 2048, 14),
-    ("resnet50", True, 2048, 28),   # layer3 at stride 1 too
-    ("mobilenet_v2", False, 1280, 14),
-    ("resnet18", False, 512, 14),
+@pytest.mark.parametrize("name,stride,channels,side", [
+    ("vgg16", None, 1024, 14),  # the default: the released code's geometry
+    ("vgg16", 16, 1024, 14),
+    ("resnet50", None, 2048, 28),
+    ("resnet50", 8, 2048, 28),   # layer3 and layer4 at stride 1
+    ("resnet50", 16, 2048, 14),  # layer4 at stride 1
+    ("resnet50", 32, 2048, 7),   # torchvision's own
+    ("mobilenet_v2", None, 1280, 28),
+    ("mobilenet_v2", 8, 1280, 28),  # the 64- and 160-channel stages at stride 1
+    ("mobilenet_v2", 16, 1280, 14),
+    ("mobilenet_v2", 32, 1280, 7),
+    ("resnet18", None, 512, 28),
+    ("resnet18", 16, 512, 14),
 ])
-def test_feature_map_shapes_at_224(name, large, channels, side):
-    model = create_model(name, 7, large_feature_map=large).eval()
+def test_feature_map_shapes_at_224(name, stride, channels, side):
+    model = create_model(name, 7, feature_stride=stride).eval()
     with torch.no_grad():
         logits, features = model(torch.randn(1, 3, 224, 224))
     assert tuple(features.shape) == (1, channels, side, side)

@@ -127,7 +127,7 @@ def synthetic_root(tmp_path_factory):
 
 def _flags(out, data_root, *extra: str) -> list[str]:
     return ["--data", "synthetic", "--data-root", str(data_root), "--backbone", "resnet18",
-            "--no-large-feature-map", "--image-size", "32", "--epochs", "1", "--max-steps-per-epoch", "3",
+            "--feature-stride", "16", "--image-size", "32", "--epochs", "1", "--max-steps-per-epoch", "3",
             "--sets-per-batch", "2", "--set-size", "3", "--impl", "reference", "--loader", "torch",
             "--workers", "0", "--log-every", "1", "--eval-every", "0", "--out", str(out), *extra]
 

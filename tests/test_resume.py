@@ -35,7 +35,7 @@ from mmcam_fast.train import main
 
 STEPS_PER_EPOCH = 4
 KILL_AFTER_STEP = 6  # epoch 2 runs steps 5..8; with a checkpoint every step the kill lands mid-epoch
-FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--no-large-feature-map", "--image-size", "32",
+FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--feature-stride", "16", "--image-size", "32",
          "--epochs", "2", "--max-steps-per-epoch", str(STEPS_PER_EPOCH), "--sets-per-batch", "2",
          "--set-size", "3", "--impl", "reference", "--loader", "torch", "--workers", "0", "--log-every", "1",
          "--eval-every", "1", "--checkpoint-every", "1"]

@@ -26,7 +26,7 @@ from mmcam_fast.errors import ConfigError
 from mmcam_fast.run_folder import LOCK_FILE, RunLock, check_output_folder, keep_lines, open_run_folder
 
 STEPS_PER_EPOCH = 3
-FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--no-large-feature-map", "--image-size", "32",
+FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--feature-stride", "16", "--image-size", "32",
          "--epochs", "2", "--max-steps-per-epoch", str(STEPS_PER_EPOCH), "--sets-per-batch", "2",
          "--set-size", "3", "--impl", "reference", "--loader", "torch", "--workers", "0", "--log-every", "2",
          "--checkpoint-every", "2"]

@@ -66,11 +66,11 @@ def test_init_starts_from_another_runs_weights_only(finished_run, tmp_path):
 
     checkpoint = finished_run / "checkpoints" / "last.pt"
     saved = torch.load(checkpoint, weights_only=False)["model"]
-    model = create_model("resnet18", saved["fc.weight"].shape[0], large_feature_map=True)
+    model = create_model("resnet18", saved["fc.weight"].shape[0], feature_stride=8)
     _init_weights(model, str(checkpoint))
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, saved[key], msg=key)
-    wrong = create_model("resnet18", saved["fc.weight"].shape[0] + 1, large_feature_map=True)
+    wrong = create_model("resnet18", saved["fc.weight"].shape[0] + 1, feature_stride=8)
     with pytest.raises(ConfigError, match=r"--init .*last.pt: does not fit this model"):
         _init_weights(wrong, str(checkpoint))
     with pytest.raises(ConfigError, match="--init .*missing.pt: file not found"):

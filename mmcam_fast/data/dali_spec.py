@@ -65,7 +65,10 @@ def transform_spec(transform: Any) -> TransformSpec:
 
     Accepted: ``Resize`` (square, bilinear, antialiased) -> [``RandomCrop`` (square, no padding) ->
     ``RandomHorizontalFlip(0.5)`` [-> ``RandomVerticalFlip(0.5)``]] -> ``ToImage`` ->
-    ``ToDtype(float32, scale=True)`` -> ``Normalize`` [-> ``ToPureTensor``].
+    ``ToDtype(float32, scale=True)`` -> ``Normalize`` [-> ``ToPureTensor``]. The flips may also stand
+    between the resize and the crop (the released code's order): on a square resize a flip maps a
+    uniform crop offset to a uniform one, so both orders draw the same distribution of images and
+    the pipeline's crop-then-flip implements either.
 
     Raises:
         ConfigError: any other transform, naming the step the DALI pipeline does not implement.
@@ -85,9 +88,9 @@ def transform_spec(transform: Any) -> TransformSpec:
             if step.padding is not None or step.pad_if_needed:
                 raise _unsupported(step)
             crop = _square(step.size, "crop")
-        elif isinstance(step, v2.RandomHorizontalFlip) and crop is not None and not hflip and step.p == 0.5:
+        elif isinstance(step, v2.RandomHorizontalFlip) and resize is not None and not hflip and step.p == 0.5:
             hflip = True
-        elif isinstance(step, v2.RandomVerticalFlip) and crop is not None and not vflip and step.p == 0.5:
+        elif isinstance(step, v2.RandomVerticalFlip) and hflip and not vflip and step.p == 0.5:
             vflip = True
         elif isinstance(step, v2.ToImage | v2.ToPureTensor):
             continue
@@ -102,6 +105,8 @@ def transform_spec(transform: Any) -> TransformSpec:
                           f"got {transform!r}")
     mean = tuple(float(m) for m in normalize.mean)
     std = tuple(float(s) for s in normalize.std)
+    if crop is None and (hflip or vflip):
+        raise ConfigError(f"the DALI loader implements flips with a random crop only, got {transform!r}")
     if crop is None:
         return TransformSpec(EVAL, resize, resize, False, False, mean, std)  # type: ignore[arg-type]
     if crop > resize:

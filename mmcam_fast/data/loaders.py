@@ -150,6 +150,7 @@ def _cub_image_root(root: Path, train: WSOLMetadata) -> Path:
 
 def build_datasets(data: str, data_root: str | Path | None = None, *, image_size: int = 224,
                    resize_size: int | None = None, vertical_flip: bool = False,
+                   flip_before_crop: bool = False,
                    metadata_root: str | Path | None = None, mask_root: str | Path | None = None,
                    bad_image_policy: str = "error", cache_root: str | Path = DEFAULT_CACHE_ROOT,
                    synthetic: dict[str, Any] | None = None, check_files: bool = True) -> DataSplits:
@@ -161,6 +162,7 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
         image_size: the network's input size C (``--image-size``); train images are resized to
             ``resize_size`` (default ``round(C * 8 / 7)``) and randomly cropped to C.
         vertical_flip: add the authors' random vertical flip to the train transform.
+        flip_before_crop: flip before the random crop (the released code's order), not after it.
         metadata_root: default ``<data_root>/metadata`` (``--metadata-root``).
         mask_root: where mask paths are relative to (mask data sets); default ``data_root``.
         bad_image_policy: ``"error"`` or ``"skip"`` for the train split (``--bad-images``); val and
@@ -205,7 +207,8 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
     elif max_label >= len(names):
         raise DataError(f"{meta_root}: class label {max_label} but only {len(names)} class names "
                         f"({CLASSES_FILE} or the train folders)")
-    transforms = {"train": train_transform(image_size, resize_size, vertical_flip=vertical_flip),
+    transforms = {"train": train_transform(image_size, resize_size, vertical_flip=vertical_flip,
+                                           flip_before_crop=flip_before_crop),
                   "val": eval_transform(image_size), "test": eval_transform(image_size)}
     sets = {split: WSOLDataset(image_root, metas[split], transforms[split],
                                bad_image_policy=bad_image_policy if split == "train" else "error",

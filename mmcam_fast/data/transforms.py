@@ -36,7 +36,7 @@ def _to_normalized_tensor() -> list[v2.Transform]:
 
 
 def train_transform(crop_size: int = 224, resize_size: int | None = None, *,
-                    vertical_flip: bool = False) -> v2.Compose:
+                    vertical_flip: bool = False, flip_before_crop: bool = False) -> v2.Compose:
     """The training transform: PIL RGB image -> normalized float tensor ``[3, C, C]``.
 
     Args:
@@ -44,15 +44,19 @@ def train_transform(crop_size: int = 224, resize_size: int | None = None, *,
         resize_size: R, the side the image is resized to first; default ``round(C * 8 / 7)``.
         vertical_flip: add a random vertical flip after the horizontal one (the MinMaxCAM authors'
             extra augmentation; not part of the evaluation protocol, off by default).
+        flip_before_crop: the released code's order, resize -> flips -> random crop, instead of
+            resize -> random crop -> flips. The two give the same distribution of images (a flip maps
+            a uniform crop offset o to R - C - o, uniform again) but other random draws.
     """
     resize_size = default_resize_size(crop_size) if resize_size is None else resize_size
     if resize_size < crop_size:
         raise ConfigError(f"train resize size {resize_size} is smaller than the crop size {crop_size} "
                           "(--image-size)")
-    steps: list[v2.Transform] = [v2.Resize((resize_size, resize_size)), v2.RandomCrop(crop_size),
-                                 v2.RandomHorizontalFlip()]
+    flips: list[v2.Transform] = [v2.RandomHorizontalFlip()]
     if vertical_flip:
-        steps.append(v2.RandomVerticalFlip())
+        flips.append(v2.RandomVerticalFlip())
+    crop: list[v2.Transform] = [v2.RandomCrop(crop_size)]
+    steps = [v2.Resize((resize_size, resize_size)), *(flips + crop if flip_before_crop else crop + flips)]
     return v2.Compose(steps + _to_normalized_tensor())
 
 

@@ -22,7 +22,7 @@ from mmcam_fast.data.metadata import WSOLMetadata
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation.box_fast import box_correct_fast_u8, box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
-from mmcam_fast.evaluation.boxes import as_gt_array, gt_boxes_224
+from mmcam_fast.evaluation.boxes import check_boxes, check_gt_boxes, gt_boxes_224
 from mmcam_fast.evaluation.parallel import ordered_map, resolve_threads
 from mmcam_fast.evaluation.scoremaps import check_scoremap
 from mmcam_fast.evaluation.thresholds import DEFAULT_IOU_THRESHOLDS, check_impl, check_iou_thresholds
@@ -30,7 +30,8 @@ from mmcam_fast.evaluation.thresholds import cam_thresholds as make_cam_threshol
 
 
 def box_correct(scoremap: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_thresholds: Sequence[float],
-                iou_thresholds: Sequence[int], multi_contour: bool, impl: str = "fast") -> np.ndarray:
+                iou_thresholds: Sequence[int], multi_contour: bool, impl: str = "fast", *,
+                image_id: str = "?", check: bool = True) -> np.ndarray:
     """Per IoU threshold and CAM threshold, whether the estimated box(es) reach IoU >= T / 100.
 
     Args:
@@ -40,10 +41,20 @@ def box_correct(scoremap: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_thr
         iou_thresholds: IoU thresholds in percent.
         multi_contour: all contours' boxes (best match) instead of the largest contour's box.
         impl: ``"fast"`` or ``"reference"``; identical results.
+        image_id: named in errors.
+        check: validate the map (any ``H x W``, see :func:`check_scoremap`) and the boxes (see
+            :func:`check_boxes`, inside the map); False only for inputs validated already.
 
     Returns:
         ``[len(iou_thresholds), len(cam_thresholds)]`` booleans.
+
+    Raises:
+        DataError: (with ``check``) an invalid map or box, naming the image id.
     """
+    if check:
+        scoremap = check_scoremap(scoremap, image_id, shape=None)
+        height, width = scoremap.shape
+        gt_boxes = check_boxes(gt_boxes, image_id, size=(width, height))
     scoremap = np.asarray(scoremap, dtype=np.float64)
     if check_impl(impl) == "reference":
         return box_correct_reference(scoremap, gt_boxes, cam_thresholds, iou_thresholds, multi_contour)
@@ -87,7 +98,7 @@ class BoxEvaluator:
     def __init__(self, gt_boxes: Mapping[str, Sequence[Sequence[int]]], *, cam_curve_interval: float = 0.01,
                  iou_thresholds: Sequence[int] = DEFAULT_IOU_THRESHOLDS, multi_contour: bool = False,
                  impl: str = "fast", cam_thresholds: Sequence[float] | None = None):
-        self.gt_boxes = {image_id: as_gt_array(boxes, image_id) for image_id, boxes in gt_boxes.items()}
+        self.gt_boxes = check_gt_boxes(gt_boxes)
         self.cam_thresholds = (np.asarray(cam_thresholds, dtype=np.float64) if cam_thresholds is not None
                                else make_cam_thresholds(cam_curve_interval))
         self.iou_thresholds = check_iou_thresholds(iou_thresholds)
@@ -108,16 +119,29 @@ class BoxEvaluator:
             raise DataError(f"image {image_id}: no ground-truth boxes in the metadata") from None
 
     def accumulate(self, scoremap: np.ndarray, image_id: str, check: bool = True) -> np.ndarray:
-        """Add one image; returns its ``[len(iou_thresholds), len(cam_thresholds)]`` booleans."""
+        """Add one image; returns its ``[len(iou_thresholds), len(cam_thresholds)]`` booleans.
+
+        Raises:
+            DataError: (with ``check``) a map that is not 224x224, finite and in [0, 1]; an image
+                without ground truth.
+        """
         if check:
             scoremap = check_scoremap(scoremap, image_id)
         correct = box_correct(scoremap, self.gt_for(image_id), self.cam_thresholds, self.iou_thresholds,
-                              self.multi_contour, self.impl)
+                              self.multi_contour, self.impl, check=False)
         self.add(correct)
         return correct
 
     def add(self, correct: np.ndarray) -> None:
-        """Add one image's booleans (computed elsewhere, e.g. in a worker process)."""
+        """Add one image's booleans (computed elsewhere, e.g. in a worker process).
+
+        Raises:
+            DataError: ``correct`` is not a ``[len(iou_thresholds), len(cam_thresholds)]`` boolean array.
+        """
+        correct = np.asarray(correct)
+        if correct.shape != self.num_correct.shape or correct.dtype != np.bool_:
+            raise DataError(f"box evaluation: expected {self.num_correct.shape} booleans (IoU thresholds x "
+                            f"CAM thresholds), got {correct.dtype} of shape {correct.shape}")
         self.num_correct += correct
         self.count += 1
 

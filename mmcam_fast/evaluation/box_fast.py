@@ -162,7 +162,7 @@ def _traced_ious(u: np.ndarray, traced: np.ndarray, gt: np.ndarray, multi_contou
         per_level.append(len(found))
     boxes, which = _contour_boxes(contours, np.asarray(per_level), multi_contour, width, height)
     best = np.full(len(traced), -1.0)
-    np.maximum.at(best, which, iou_matrix(boxes, gt).max(axis=1))
+    np.maximum.at(best, which, iou_matrix(boxes, gt, check=False).max(axis=1))
     return best
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from mmcam_fast.data.metadata import WSOLMetadata
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation.box_evaluator import box_correct
-from mmcam_fast.evaluation.boxes import as_gt_array, gt_boxes_224
+from mmcam_fast.evaluation.boxes import check_gt_boxes, gt_boxes_224
 from mmcam_fast.evaluation.scoremaps import check_scoremap
 from mmcam_fast.evaluation.thresholds import cam_thresholds as make_cam_thresholds
 from mmcam_fast.evaluation.thresholds import check_impl, check_iou_thresholds
@@ -53,7 +53,7 @@ class LocAccuracyEvaluator:
     def __init__(self, gt_boxes: Mapping[str, Sequence[Sequence[int]]], labels: Mapping[str, int], *,
                  cam_threshold: float | None = None, cam_curve_interval: float = 0.01,
                  iou_threshold: int = 50, multi_contour: bool = False, impl: str = "fast"):
-        self.gt_boxes = {image_id: as_gt_array(boxes, image_id) for image_id, boxes in gt_boxes.items()}
+        self.gt_boxes = check_gt_boxes(gt_boxes)
         self.labels = dict(labels)
         if cam_threshold is not None and not 0 <= cam_threshold < 1:
             raise ConfigError(f"cam_threshold must be in [0, 1), got {cam_threshold}")
@@ -89,7 +89,7 @@ class LocAccuracyEvaluator:
         if check:
             scoremap = check_scoremap(scoremap, image_id)
         loc = box_correct(scoremap, self.gt_boxes[image_id], self.cam_thresholds, [self.iou_threshold],
-                          self.multi_contour, self.impl)[0]
+                          self.multi_contour, self.impl, check=False)[0]
         self.add(loc, image_id, topk)
 
     def add(self, loc: np.ndarray, image_id: str, topk: Sequence[int]) -> None:
@@ -105,10 +105,10 @@ class LocAccuracyEvaluator:
             raise DataError(f"image {image_id}: no label in the metadata")
         if len(topk) == 0:
             raise DataError(f"image {image_id}: empty list of predicted classes")
-        loc = np.asarray(loc, dtype=bool)
-        if loc.shape != self.cam_thresholds.shape:
-            raise ValueError(f"image {image_id}: {loc.shape} booleans for "
-                             f"{len(self.cam_thresholds)} CAM thresholds")
+        loc = np.asarray(loc)
+        if loc.shape != self.cam_thresholds.shape or loc.dtype != np.bool_:
+            raise DataError(f"image {image_id}: expected {len(self.cam_thresholds)} booleans (one per CAM "
+                            f"threshold), got {loc.dtype} of shape {loc.shape}")
         label = self.labels[image_id]
         top1 = int(topk[0]) == label
         top5 = label in [int(c) for c in topk[:5]]

@@ -101,10 +101,10 @@ def pxap_from_histograms(true_hist: np.ndarray, false_hist: np.ndarray) -> float
     """PxAP (percent) from accumulated score histograms, the protocol's ``MaskEvaluator.compute``.
 
     Raises:
-        DataError: no foreground pixel, or no pixel scored at all, in the evaluated images.
+        DataError: histograms that are not two 1-D arrays of equal length with finite, non-negative
+            counts; no foreground pixel, or no pixel scored at all, in the evaluated images.
     """
-    true_hist = np.asarray(true_hist, dtype=np.float64)
-    false_hist = np.asarray(false_hist, dtype=np.float64)
+    true_hist, false_hist = check_histograms((true_hist, false_hist))
     tp = true_hist[::-1].cumsum()
     fn = true_hist.sum() - tp
     fp = false_hist[::-1].cumsum()
@@ -117,6 +117,34 @@ def pxap_from_histograms(true_hist: np.ndarray, false_hist: np.ndarray) -> float
         precision = tp / (tp + fp)
         recall = tp / (tp + fn)
     return float((precision[1:] * np.diff(recall))[nonzero[1:]].sum() * 100)
+
+
+def check_histograms(histograms: Histograms, length: int | None = None) -> Histograms:
+    """Two 1-D count arrays of equal length (``length`` bins when given), finite and non-negative.
+
+    Returns them as float64 arrays.
+
+    Raises:
+        DataError: saying what was expected.
+    """
+    where = "PxAP score histograms"
+    if len(histograms) != 2:
+        raise DataError(f"{where}: expected (foreground counts, background counts), "
+                        f"got {len(histograms)} arrays")
+    try:
+        true_hist, false_hist = (np.asarray(h, dtype=np.float64) for h in histograms)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: expected two arrays of counts") from None
+    expected = f"[{length}]" if length is not None else "[bins]"
+    if (true_hist.ndim != 1 or true_hist.shape != false_hist.shape
+            or (length is not None and len(true_hist) != length)):
+        raise DataError(f"{where}: expected two arrays of shape {expected}, got {true_hist.shape} and "
+                        f"{false_hist.shape}")
+    low = min(true_hist.min(initial=0.0), false_hist.min(initial=0.0))
+    high = max(true_hist.max(initial=0.0), false_hist.max(initial=0.0))
+    if not (low >= 0 and np.isfinite(high)):
+        raise DataError(f"{where}: counts must be finite and non-negative, got min {low}, max {high}")
+    return true_hist, false_hist
 
 
 def _mask_job(item: tuple[str, np.ndarray, list[str], str], mask_dir: str, edges: np.ndarray,
@@ -182,13 +210,31 @@ class MaskEvaluator:
         return image_id, scoremap, self.mask_paths[image_id], self.ignore_paths.get(image_id, "")
 
     def add(self, histograms: Histograms) -> None:
-        self.true_hist += histograms[0]
-        self.false_hist += histograms[1]
+        """Add one image's ``(foreground, background)`` score histograms (computed elsewhere).
+
+        Raises:
+            DataError: not two integer arrays with one count per bin, non-negative.
+        """
+        true_hist, false_hist = check_histograms(histograms, len(self.true_hist))
+        if not all(np.array_equal(h, np.trunc(h)) for h in (true_hist, false_hist)):
+            raise DataError("PxAP score histograms: expected integer pixel counts")
+        self.true_hist += true_hist.astype(np.int64)
+        self.false_hist += false_hist.astype(np.int64)
         self.count += 1
 
     def accumulate(self, scoremap: np.ndarray, image_id: str, check: bool = True) -> None:
-        """Add one image: load its masks and count its scores."""
-        self.add(_mask_job(self._item(scoremap, image_id, check), str(self.mask_dir), self.edges, self.impl))
+        """Add one image: load its masks and count its scores.
+
+        Raises:
+            DataError: an image without masks in the metadata, a missing mask file, or (with
+                ``check``) a map that is not 224x224, finite and in [0, 1].
+        """
+        self._add(_mask_job(self._item(scoremap, image_id, check), str(self.mask_dir), self.edges, self.impl))
+
+    def _add(self, histograms: Histograms) -> None:
+        self.true_hist += histograms[0]
+        self.false_hist += histograms[1]
+        self.count += 1
 
     def accumulate_many(self, scoremaps: Iterable[tuple[str, np.ndarray]], workers: int = 1,
                         check: bool = True) -> int:
@@ -197,7 +243,7 @@ class MaskEvaluator:
         job = partial(_mask_job, mask_dir=str(self.mask_dir), edges=self.edges, impl=self.impl)
         added = 0
         for histograms in ordered_map(job, items, workers):
-            self.add(histograms)
+            self._add(histograms)
             added += 1
         return added
 

@@ -1,8 +1,16 @@
-"""One split of a WSOL benchmark evaluated from score maps: the numbers the protocol reports.
+"""One split of a WSOL data set evaluated from score maps: the numbers the protocol reports.
 
 :func:`evaluate_scoremaps` takes the score maps as an iterable of ``(image_id, map)``, so the same
 function serves score maps read from files (``mmcam-evaluate --scoremap-root``) and score maps
 computed in memory from a model.
+
+Data sets: the protocol's benchmarks (CUB, ILSVRC alias imagenet, OpenImages) and the ones the
+project prepares (``synthetic``, ``tiny-imagenet``, ``voc``: ``python -m mmcam_fast.data.prepare``).
+A benchmark's name decides the metric (PxAP for OpenImages, boxes otherwise) and its masks are read
+from ``<mask_root>/OpenImages/<mask path>``, the benchmark's layout. A prepared data set's metadata
+decides: boxes in ``localization.txt`` give MaxBoxAcc / MaxBoxAccV2, masks (e.g. the synthetic set's
+``metadata-masks/``) give PxAP, read from ``<mask_root>/<mask path>`` (the data root, as in training).
+:func:`split_folder` finds a split's metadata the way the training code does.
 """
 
 from __future__ import annotations
@@ -18,18 +26,51 @@ from mmcam_fast.evaluation.box_evaluator import BoxEvaluator, accumulate_boxes
 from mmcam_fast.evaluation.mask_evaluator import MaskEvaluator
 from mmcam_fast.evaluation.thresholds import DEFAULT_IOU_THRESHOLDS
 
-DATASETS = {"cub": "CUB", "ilsvrc": "ILSVRC", "imagenet": "ILSVRC", "openimages": "OpenImages"}
+BENCHMARKS = {"cub": "CUB", "ilsvrc": "ILSVRC", "imagenet": "ILSVRC", "openimages": "OpenImages"}
+PREPARED_DATASETS = ("synthetic", "tiny-imagenet", "voc")
+DATASETS = {**BENCHMARKS, **{name: name for name in PREPARED_DATASETS}}
 MASK_DATASETS = ("OpenImages",)
 MAXBOXACC_IOU = 50
 
 
 def dataset_name(name: str) -> str:
-    """The canonical folder name of a data set (case-insensitive; 'imagenet' means ILSVRC)."""
+    """The canonical name of a data set (case-insensitive; 'imagenet' means ILSVRC): CUB, ILSVRC or
+    OpenImages for the benchmarks (their metadata folder names), else synthetic, tiny-imagenet, voc."""
     try:
         return DATASETS[name.lower()]
     except KeyError:
         raise ConfigError(f"--dataset: unknown data set {name!r}, expected one of CUB, ILSVRC (imagenet), "
-                          "OpenImages") from None
+                          f"OpenImages, {', '.join(PREPARED_DATASETS)}") from None
+
+
+def is_benchmark(dataset: str) -> bool:
+    """Whether the data set is one of the protocol's benchmarks (CUB, ILSVRC, OpenImages)."""
+    return dataset_name(dataset) in BENCHMARKS.values()
+
+
+def split_folder(metadata_root: str | Path, dataset: str, split: str) -> Path:
+    """The metadata folder of one split: ``<metadata_root>/<split>`` or, for a benchmark,
+    ``<metadata_root>/<CUB|ILSVRC|OpenImages>/<split>`` (the benchmark's ``metadata/`` layout; tried
+    first), whichever holds an ``image_ids.txt``, as the training code looks them up.
+
+    Raises:
+        DataError: neither folder exists, naming what was tried.
+    """
+    root, name = Path(metadata_root), dataset_name(dataset)
+    candidates = [root / name / split, root / split] if is_benchmark(name) else [root / split]
+    for folder in candidates:
+        if (folder / "image_ids.txt").is_file():
+            return folder
+    tried = " nor ".join(str(folder) for folder in candidates)
+    raise DataError(f"{tried}: metadata folder does not exist (no image_ids.txt; check --metadata-root "
+                    f"and --split)")
+
+
+def mask_folder(dataset: str, mask_root: str | Path) -> Path:
+    """The folder mask paths are relative to: ``<mask_root>/OpenImages`` for the benchmark, else
+    ``mask_root`` (a prepared data set's data root)."""
+    name = dataset_name(dataset)
+    return Path(mask_root) / name if is_benchmark(name) else Path(mask_root)
 
 
 def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable[tuple[str, np.ndarray]], *,
@@ -38,16 +79,18 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
                        workers: int = 1, check: bool = True, threads: int | None = None) -> dict:
     """Evaluate one split; returns the JSON-ready result.
 
-    Box data sets (CUB, ILSVRC) are evaluated twice in one pass: single contour at IoU 50
-    (``maxboxacc``, with its CAM threshold) and multi-contour over ``iou_thresholds``
-    (``maxboxacc_v2`` = their mean; ``per_iou`` and ``best_threshold`` belong to this run). Mask
-    data sets (OpenImages) give ``pxap``.
+    Box data sets (CUB, ILSVRC, prepared sets with boxes) are evaluated twice in one pass: single
+    contour at IoU 50 (``maxboxacc``, with its CAM threshold) and multi-contour over
+    ``iou_thresholds`` (``maxboxacc_v2`` = their mean; ``per_iou`` and ``best_threshold`` belong to
+    this run). Mask data sets (OpenImages, prepared sets with masks) give ``pxap``.
 
     Args:
-        dataset: CUB, ILSVRC (or imagenet) or OpenImages, any case.
+        dataset: CUB, ILSVRC (or imagenet), OpenImages, synthetic, tiny-imagenet or voc, any case.
         metadata: the split's metadata.
         scoremaps: ``(image_id, [224, 224] map)`` for every image of the split.
-        mask_root: root of the masks; they are read from ``<mask_root>/OpenImages/<mask path>``.
+        mask_root: root of the masks; they are read from ``<mask_root>/OpenImages/<mask path>`` for
+            OpenImages, from ``<mask_root>/<mask path>`` for a prepared data set (see
+            :func:`mask_folder`).
         cam_curve_interval: CAM thresholds ``np.arange(0, 1, interval)``.
         iou_thresholds: IoU thresholds (percent) of the multi-contour run.
         impl: ``"fast"`` or ``"reference"``.
@@ -71,11 +114,15 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
             yield image_id, scoremap
 
     result: dict = {"dataset": name}
-    if name in MASK_DATASETS:
+    masks = name in MASK_DATASETS if is_benchmark(name) else metadata.has_masks
+    if not masks and not is_benchmark(name) and not metadata.boxes:
+        raise DataError(f"{metadata.folder / 'localization.txt'}: no boxes and no masks, nothing to evaluate "
+                        "(a labels-only split?)")
+    if masks:
         if mask_root is None:
-            raise ConfigError("--mask-root is required for OpenImages (masks are read from "
-                              "<mask-root>/OpenImages/<mask path>)")
-        evaluator = MaskEvaluator.from_metadata(metadata, Path(mask_root) / "OpenImages",
+            where = "<mask-root>/OpenImages/<mask path>" if is_benchmark(name) else "<mask-root>/<mask path>"
+            raise ConfigError(f"--mask-root is required for {name} masks (they are read from {where})")
+        evaluator = MaskEvaluator.from_metadata(metadata, mask_folder(name, mask_root),
                                                 cam_curve_interval=cam_curve_interval, impl=impl)
         evaluator.accumulate_many(tracked(), workers=workers, check=check)
         _check_complete(metadata, seen)

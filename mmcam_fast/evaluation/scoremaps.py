@@ -36,8 +36,10 @@ def cams_to_scoremaps(cams: torch.Tensor, size: int = SCOREMAP_SIZE) -> torch.Te
 
     Returns:
         ``[B, size, size]`` float32 score maps on the input's device. A constant map (max == min
-        after the resize) becomes all zeros. No clamp is needed: after the min-max the values are
-        in [0, 1] exactly (``x - min <= max - min`` and IEEE division is monotonic).
+        after the resize) becomes all zeros, and so does a map with a NaN or an infinity after the
+        resize, as the protocol's ``normalize_scoremap`` does for NaN (its inference resizes, then
+        normalises); :func:`nonfinite_maps` says which. No clamp is needed: after the min-max the
+        values are in [0, 1] exactly (``x - min <= max - min`` and IEEE division is monotonic).
     """
     # torch is imported here, not at module level: evaluation worker processes never need it
     import torch
@@ -46,10 +48,18 @@ def cams_to_scoremaps(cams: torch.Tensor, size: int = SCOREMAP_SIZE) -> torch.Te
     if cams.dim() != 3:
         raise DataError(f"cams_to_scoremaps: expected CAMs of shape [B, h, w], got {tuple(cams.shape)}")
     maps = F.interpolate(cams[:, None].float(), size=(size, size), mode="bicubic", align_corners=False)[:, 0]
+    finite = torch.isfinite(maps).all(dim=2, keepdim=True).all(dim=1, keepdim=True)
+    maps = torch.where(finite, maps, 0.0)
     low = maps.amin(dim=(1, 2), keepdim=True)
     span = maps.amax(dim=(1, 2), keepdim=True) - low
-    constant = span <= 0
-    return torch.where(constant, torch.zeros_like(maps), (maps - low) / torch.where(constant, 1.0, span))
+    zero = (span <= 0) | ~finite
+    return torch.where(zero, torch.zeros_like(maps), (maps - low) / torch.where(zero, 1.0, span))
+
+
+def nonfinite_maps(cams: torch.Tensor) -> torch.Tensor:
+    """``[B]`` bool, on the CAMs' device: which CAMs hold a NaN or an infinity (their score maps are
+    all zeros, see :func:`cams_to_scoremaps`)."""
+    return ~cams.isfinite().flatten(1).all(dim=1)
 
 
 def scoremap_path(root: str | Path, image_id: str) -> Path:
@@ -64,18 +74,26 @@ def scoremap_path(root: str | Path, image_id: str) -> Path:
     return Path(root) / (image_id + ".npy")
 
 
-def save_scoremaps(root: str | Path, image_ids: Sequence[str], scoremaps: np.ndarray | torch.Tensor) -> None:
+def save_scoremaps(root: str | Path, image_ids: Sequence[str], scoremaps: np.ndarray | torch.Tensor,
+                   check: bool = True) -> None:
     """Write score maps as ``<root>/<image_id>.npy`` (float32), creating sub-folders.
 
     Args:
         root: the score-map root folder.
         image_ids: one id per map.
         scoremaps: ``[B, H, W]`` array or tensor, e.g. from :func:`cams_to_scoremaps`.
+        check: validate the maps first (:func:`check_scoremaps`, any ``H x W``), so that no invalid
+            map is written; False only for maps validated already.
+
+    Raises:
+        DataError: a count or shape mismatch, or an invalid map (nothing is written then).
     """
     if hasattr(scoremaps, "detach"):  # a torch tensor
         scoremaps = scoremaps.detach().cpu().numpy()
     if len(image_ids) != len(scoremaps):
         raise DataError(f"save_scoremaps: {len(image_ids)} image ids for {len(scoremaps)} score maps")
+    if check:
+        check_scoremaps(np.asarray(scoremaps), image_ids, shape=None)
     for image_id, scoremap in zip(image_ids, scoremaps, strict=True):
         path = scoremap_path(root, image_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,8 +103,10 @@ def save_scoremaps(root: str | Path, image_ids: Sequence[str], scoremaps: np.nda
 def scoremap_problem(scoremap: object, shape: tuple[int, int] | None = SCOREMAP_SHAPE) -> str | None:
     """What is wrong with a score map, or None when it is valid.
 
-    Valid means: a numpy array of a float dtype, 2-D (of ``shape`` when given), without NaN, with
-    values in [0, 1] (the protocol's ``check_scoremap_validity``, plus the shape).
+    Valid means: a numpy array of a float dtype, 2-D (of ``shape`` when given) and not empty, every
+    value finite and in [0, 1] (the protocol's ``check_scoremap_validity``, plus the shape and
+    infinities). This is the one check every entry point uses (files, the CLI, the evaluators); for a
+    valid map it costs one ``min`` and one ``max`` (NaN propagates through both).
     """
     if not isinstance(scoremap, np.ndarray):
         return f"expected a numpy array, got {type(scoremap).__name__}"
@@ -96,9 +116,14 @@ def scoremap_problem(scoremap: object, shape: tuple[int, int] | None = SCOREMAP_
         return f"expected a 2-D array, got shape {scoremap.shape}"
     if shape is not None and scoremap.shape != tuple(shape):
         return f"expected shape {tuple(shape)}, got {scoremap.shape}"
-    if np.isnan(scoremap).any():
-        return f"contains {int(np.isnan(scoremap).sum())} NaN value(s)"
+    if scoremap.size == 0:
+        return f"expected a non-empty map, got shape {scoremap.shape}"
     low, high = float(scoremap.min()), float(scoremap.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        nan, inf = int(np.isnan(scoremap).sum()), int(np.isinf(scoremap).sum())
+        found = ", ".join(text for count, text in ((nan, f"{nan} NaN"), (inf, f"{inf} infinite"))
+                          if count)
+        return f"expected finite values in [0, 1], got {found} value(s)"
     if low < 0 or high > 1:
         return f"values must lie in [0, 1], got min {low}, max {high}"
     return None
@@ -108,6 +133,12 @@ def check_scoremap(scoremap: object, image_id: str = "?", source: str | Path | N
                    shape: tuple[int, int] | None = SCOREMAP_SHAPE) -> np.ndarray:
     """Validate one score map and return it as float64 (the protocol evaluates float64 maps).
 
+    Args:
+        scoremap: the map.
+        image_id: named in the error.
+        source: the file it came from, named in the error when given.
+        shape: the expected ``(H, W)``; None accepts any 2-D map.
+
     Raises:
         DataError: naming the image id and, when given, the file.
     """
@@ -116,6 +147,35 @@ def check_scoremap(scoremap: object, image_id: str = "?", source: str | Path | N
         where = f" ({source})" if source is not None else ""
         raise DataError(f"score map of image {image_id}{where}: {problem}")
     return np.asarray(scoremap, dtype=np.float64)
+
+
+def check_scoremaps(scoremaps: object, image_ids: Sequence[str],
+                    shape: tuple[int, int] | None = SCOREMAP_SHAPE) -> np.ndarray:
+    """Validate a batch ``[B, H, W]`` of score maps at once (vectorized); returns it as an array.
+
+    The rules are :func:`scoremap_problem`'s. One DataError lists the first few invalid maps by
+    image id and counts them.
+    """
+    if hasattr(scoremaps, "detach"):  # a torch tensor
+        scoremaps = scoremaps.detach().cpu().numpy()
+    if not isinstance(scoremaps, np.ndarray):
+        raise DataError(f"score maps: expected a numpy array or tensor, got {type(scoremaps).__name__}")
+    if scoremaps.ndim != 3 or len(scoremaps) != len(image_ids):
+        raise DataError(f"score maps: expected shape [{len(image_ids)}, H, W] for {len(image_ids)} image "
+                        f"id(s), got shape {scoremaps.shape}")
+    wrong_shape = shape is not None and scoremaps.shape[1:] != tuple(shape)
+    if not np.issubdtype(scoremaps.dtype, np.floating) or wrong_shape:  # the same for every map
+        problems = [f"score map of image {image_ids[0]}: {scoremap_problem(scoremaps[0], shape)}"]
+        raise DataError(format_offenders(problems, len(image_ids)))
+    if scoremaps.size == 0:
+        return scoremaps
+    low, high = scoremaps.min(axis=(1, 2)), scoremaps.max(axis=(1, 2))
+    bad = np.flatnonzero(~((low >= 0) & (high <= 1)))  # NaN fails both comparisons
+    if len(bad):
+        problems = [f"score map of image {image_ids[i]}: {scoremap_problem(scoremaps[i], shape)}"
+                    for i in bad[:_MAX_LISTED]]
+        raise DataError(format_offenders(problems, len(bad)))
+    return scoremaps
 
 
 def load_scoremap(root: str | Path, image_id: str,

@@ -18,14 +18,16 @@ from mmcam_fast.errors import ConfigError
 
 
 class ResNetCAMBackbone(nn.Module):
-    """torchvision ResNet up to layer4, with layer4 stride 1 (and layer3 stride 1 when large)."""
+    """torchvision ResNet up to layer4 at output stride 8 (layer3 and layer4 at stride 1: 28x28 at 224,
+    the released MinMaxCAM code), 16 (layer4 at stride 1: 14x14) or 32 (torchvision's own: 7x7)."""
 
-    def __init__(self, net: tvm.ResNet, large_feature_map: bool):
+    def __init__(self, net: tvm.ResNet, feature_stride: int = 8):
         super().__init__()
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        _set_first_block_stride(self.layer4, 1)
-        if large_feature_map:
+        if feature_stride <= 16:
+            _set_first_block_stride(self.layer4, 1)
+        if feature_stride <= 8:
             _set_first_block_stride(self.layer3, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,53 +45,77 @@ def _set_first_block_stride(layer: nn.Sequential, stride: int) -> None:
 
 
 class VGGCAMBackbone(nn.Module):
-    """VGG16 conv layers without the last max-pool (stride 16), then conv6 3x3 512->1024 + ReLU."""
+    """VGG16 conv layers without the last max-pool (stride 16), then conv6 3x3 512->1024 + ReLU.
 
-    def __init__(self, net: tvm.VGG):
+    ``conv6_init``: ``"kaiming"`` (He normal, fan_out, zero bias: the paper recipe's choice) or
+    ``"default"`` (PyTorch's own ``Conv2d`` initialisation, as the released code leaves it).
+    """
+
+    def __init__(self, net: tvm.VGG, conv6_init: str = "kaiming"):
         super().__init__()
         layers = list(net.features.children())
         assert isinstance(layers[-1], nn.MaxPool2d)
         self.features = nn.Sequential(*layers[:-1])
         self.conv6 = nn.Conv2d(512, 1024, kernel_size=3, padding=1)
         self.relu6 = nn.ReLU(inplace=True)
-        nn.init.kaiming_normal_(self.conv6.weight, mode="fan_out", nonlinearity="relu")
-        nn.init.zeros_(self.conv6.bias)
+        if conv6_init == "kaiming":
+            nn.init.kaiming_normal_(self.conv6.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(self.conv6.bias)
+        elif conv6_init != "default":
+            raise ConfigError(f"--conv6-init {conv6_init!r}: expected kaiming or default")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu6(self.conv6(self.features(x)))
 
 
 class MobileNetV2CAMBackbone(nn.Module):
-    """torchvision MobileNetV2 features with the last stride-2 stage (the 160-channel one) at stride 1."""
+    """torchvision MobileNetV2 features at output stride 8 (the 64- and 160-channel stages' stride-2
+    convolutions at stride 1: 28x28 at 224, the released MinMaxCAM code), 16 (the 160-channel stage
+    only: 14x14) or 32 (torchvision's own: 7x7)."""
 
-    def __init__(self, net: tvm.MobileNetV2):
+    def __init__(self, net: tvm.MobileNetV2, feature_stride: int = 8):
         super().__init__()
         self.features = net.features
         strided = [m for m in self.features.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
-        strided[-1].stride = (1, 1)  # the depthwise conv of features[14], first block of the 160 stage
+        # strided[-1]: the depthwise conv of features[14] (first block of the 160 stage);
+        # strided[-2]: that of features[7] (first block of the 64 stage)
+        for conv in strided[len(strided) - {8: 2, 16: 1, 32: 0}[feature_stride]:]:
+            conv.stride = (1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
 
-def resnet50_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
-    return ResNetCAMBackbone(tvm.resnet50(weights=None), large_feature_map), 2048
+def resnet50_cam(feature_stride: int = 8, **_: object) -> tuple[nn.Module, int]:
+    return ResNetCAMBackbone(tvm.resnet50(weights=None), feature_stride), 2048
 
 
-def resnet18_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
-    return ResNetCAMBackbone(tvm.resnet18(weights=None), large_feature_map), 512
+def resnet18_cam(feature_stride: int = 8, **_: object) -> tuple[nn.Module, int]:
+    return ResNetCAMBackbone(tvm.resnet18(weights=None), feature_stride), 512
 
 
-def vgg16_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
-    if large_feature_map:
-        raise ValueError("vgg16_cam has no large_feature_map variant (its map is 14x14 at 224)")
-    return VGGCAMBackbone(tvm.vgg16(weights=None)), 1024
+def vgg16_cam(feature_stride: int = 16, conv6_init: str = "kaiming", **_: object) -> tuple[nn.Module, int]:
+    return VGGCAMBackbone(tvm.vgg16(weights=None), conv6_init), 1024
 
 
-def mobilenet_v2_cam(large_feature_map: bool = False) -> tuple[nn.Module, int]:
-    if large_feature_map:
-        raise ValueError("mobilenet_v2_cam has no large_feature_map variant (its map is 14x14 at 224)")
-    return MobileNetV2CAMBackbone(tvm.mobilenet_v2(weights=None)), 1280
+def mobilenet_v2_cam(feature_stride: int = 8, **_: object) -> tuple[nn.Module, int]:
+    return MobileNetV2CAMBackbone(tvm.mobilenet_v2(weights=None), feature_stride), 1280
+
+
+# Output strides each backbone can be built with (--feature-stride), and the released MinMaxCAM
+# code's, the default: 28x28 maps at 224 for ResNet50-CAM and MobileNetV2-CAM, 14x14 for VGG16-CAM.
+FEATURE_STRIDES: dict[str, tuple[int, ...]] = {
+    "vgg16": (16,), "resnet50": (8, 16, 32), "mobilenet_v2": (8, 16, 32), "resnet18": (8, 16, 32)}
+DEFAULT_FEATURE_STRIDE: dict[str, int] = {"vgg16": 16, "resnet50": 8, "mobilenet_v2": 8, "resnet18": 8}
+
+
+def check_feature_stride(backbone: str, stride: int) -> int:
+    """``stride`` if ``backbone`` supports it, else a ConfigError naming both and what it supports."""
+    supported = FEATURE_STRIDES[backbone_name(backbone)]
+    if stride not in supported:
+        raise ConfigError(f"--feature-stride {stride}: {backbone_name(backbone)} supports "
+                          f"{', '.join(map(str, supported))}")
+    return stride
 
 
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
