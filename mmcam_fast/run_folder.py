@@ -53,14 +53,16 @@ def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
     return folder
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+def atomic_write(path: str | Path, write: Callable[[Any], None], *, binary: bool = True) -> Path:
+    """``write(handle)`` into a temporary file beside ``path`` (``.<name>.*.tmp``), fsync, then
+    ``os.replace`` onto ``path``: a reader sees the old file or the new one, never half of one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes 0600; a run's files are as readable as any other file
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -68,6 +70,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda handle: handle.write(text), binary=False)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -83,7 +83,8 @@ _HELP = {
                            "(each is skipped and counted; 0: never stop)",
     "sync_bn": "torchrun on GPUs: SyncBatchNorm, Stage I batch statistics over all ranks",
     "dist_timeout_min": "torchrun: collective timeout in minutes (rank 0 validates while the others wait)",
-    "out": "run folder (config.yaml, metrics.jsonl, val_metrics.jsonl, checkpoints/, final_metrics.json)",
+    "out": "run folder (config.yaml, metrics.jsonl, val_metrics.jsonl, checkpoints/, final_metrics.json, "
+           "curves.png); one that holds a run is refused unless --resume or --overwrite",
 }
 
 # What a default of None means, where "none" would not say it.
@@ -92,6 +93,7 @@ _NONE_MEANS = {
     "pretrained": "none, random init",
     "compile": "on CUDA only",
     "max_steps_per_epoch": "none, whole epochs",
+    "out": "a new runs/<data>-<backbone>-<date>-<time>",
 }
 
 

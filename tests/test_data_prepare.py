@@ -181,10 +181,13 @@ def test_reconverting_into_a_used_folder_leaves_no_stale_split(tmp_path):
 
 
 def test_command_line(tmp_path, capsys):
+    from mmcam_fast.cli import run_main
+
     assert main(["voc", "--src", str(FRUIT), "--out", str(tmp_path / "fruit")]) == 0
     assert "ready" in capsys.readouterr().out
-    assert main(["tiny-imagenet", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")]) == 2
-    assert "error:" in capsys.readouterr().err
+    argv = ["tiny-imagenet", "--src", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")]
+    assert run_main(main, argv, prog="mmcam-prepare") == 2  # main raises; the wrapper reports
+    assert capsys.readouterr().err.startswith("mmcam-prepare: error:")
     assert main(["synthetic", "--out", str(tmp_path / "syn"), "--num-classes", "2", "--train-per-class", "3",
                  "--val-per-class", "1", "--test-per-class", "1", "--size", "32"]) == 0
     assert len(load_metadata(tmp_path / "syn/metadata/train")) == 6

@@ -180,9 +180,9 @@ def test_rng_state_round_trip():
 
 def test_metric_rows_survive_a_resume_in_step_order(tmp_path):
     """The JSON lines written before the checkpoint stay; the ones after it are dropped."""
-    from mmcam_fast.runner import _keep_lines
+    from mmcam_fast.run_folder import keep_lines
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)))
-    _keep_lines(path, lambda row: row["step"] <= 5)
+    keep_lines(path, lambda row: row["step"] <= 5)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
