@@ -32,7 +32,7 @@ MaxBoxAcc / MaxBoxAccV2 / GT-known Loc / PxAP, the top-5 predictions for Top-1 /
 maps optionally exported in the same layout, overlays optionally written::
 
     mmcam-evaluate --checkpoint runs/x/checkpoints/best.pt --data tiny-imagenet \
-        --data-root ../shared/data/tiny-imagenet-5 --split val --overlays 16 --overlay-dir runs/x/overlays
+        --data-root /data/tiny-imagenet-5 --split val --overlays 16 --overlay-dir runs/x/overlays
 """
 
 from __future__ import annotations

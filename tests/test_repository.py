@@ -59,3 +59,17 @@ def test_the_pattern_catches_what_it_is_for():
         assert _MACHINE_PATH.search(text), text
     for text in ["../shared/data", "runs/demo", "https://example.org/home/x", "/data/ILSVRC"]:
         assert not _MACHINE_PATH.search(text), text
+
+
+def test_the_specification_is_in_the_repository_and_the_library_cites_it():
+    """Code cited ``METHOD.md`` of a folder users do not have; it cites ``docs/method.md`` now, and
+    library code finds no data through ``../shared``."""
+    assert (ROOT / "docs" / "method.md").is_file()
+    offenders = []
+    for path in sorted([*(ROOT / "mmcam_fast").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]):
+        text = path.read_text()
+        if "../shared" in text or "METHOD.md" in text:
+            offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+    cited = [p for p in (ROOT / "mmcam_fast").rglob("*.py") if "docs/method.md" in p.read_text()]
+    assert cited, "the method module cites its specification"

@@ -106,3 +106,11 @@ def test_the_readme_voc_example_runs_on_fruit_voc_with_the_preset(tmp_path, monk
     assert yaml.safe_load(Path("run/config.yaml").read_text())["sets_per_batch"] == 3
     assert run_main(train_main, [*argv, "--out", "run2", "--sets-per-batch", "4"]) == 2
     assert "--sets-per-batch" in capsys.readouterr().err
+
+
+def test_an_unknown_backbone_is_reported_before_any_data_work(tmp_path, capsys):
+    """It used to be reported only after the synthetic set was generated (or a source converted)."""
+    status = run_main(train_main, ["--data", "synthetic", "--data-root", str(tmp_path / "never-made"),
+                                   "--backbone", "alexnet", "--out", str(tmp_path / "out")])
+    assert status == 2 and "--backbone 'alexnet'" in capsys.readouterr().err
+    assert not (tmp_path / "never-made").exists() and not (tmp_path / "out").exists()
