@@ -191,3 +191,36 @@ def test_command_line(tmp_path, capsys):
     assert main(["synthetic", "--out", str(tmp_path / "syn"), "--num-classes", "2", "--train-per-class", "3",
                  "--val-per-class", "1", "--test-per-class", "1", "--size", "32"]) == 0
     assert len(load_metadata(tmp_path / "syn/metadata/train")) == 6
+
+
+def test_a_class_subset_from_an_archive(tmp_path, monkeypatch):
+    """``--classes`` keeps only the listed wnids (train, the held-out val, and their official val
+    images as test); ``--src`` may be the .tar.gz archive, extracted once into runs/data/."""
+    import tarfile
+
+    tiny = DATA / "tiny-imagenet-5"
+    archive = tmp_path / "tiny-5.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny, arcname="tiny-5")
+    listed = tmp_path / "two.txt"
+    listed.write_text("n01882714\n# koala and goldfish\nn01443537\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["tiny-imagenet", "--src", str(archive), "--out", "two", "--classes", str(listed)]) == 0
+    assert (tmp_path / "runs" / "data" / "tiny-5").is_dir()
+    for split, count in (("train", 2 * 490), ("val", 2 * 10), ("test", 2 * 50)):
+        meta = load_metadata(tmp_path / "two" / "metadata" / split)
+        assert len(meta) == count and set(meta.labels.values()) == {0, 1}, split
+        assert all(("n01443537" in i or "n01882714" in i) for i in meta.image_ids if split != "test")
+    assert read_class_names(tmp_path / "two" / "classes.txt") == ["goldfish", "koala"]
+
+
+def test_the_pretraining_classes_are_disjoint_from_every_wsol_benchmark():
+    """The stand-in for ImageNet pretraining never sees a class of WSOL-20 or Tiny-ImageNet-5."""
+    from mmcam_fast.data.prepare import read_class_list
+
+    folder = DATA / "tiny-imagenet-192"
+    pretrain = set(read_class_list(folder / "pretrain172.txt"))
+    wsol20 = set(read_class_list(folder / "wsol20.txt"))
+    tiny5 = {p.name for p in (DATA / "tiny-imagenet-5" / "train").iterdir() if p.is_dir()}
+    assert (len(pretrain), len(wsol20), len(tiny5)) == (172, 20, 5)
+    assert not pretrain & wsol20 and not pretrain & tiny5 and not wsol20 & tiny5

@@ -193,9 +193,56 @@ def read_class_names(path: str | Path) -> list[str]:
 
 # -- Tiny ImageNet ---------------------------------------------------------------------------------
 
+def read_class_list(path: str | Path) -> list[str]:
+    """A ``--classes`` file: one wnid per line (blank lines and ``#`` comments ignored), sorted."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DataError(f"--classes {path}: cannot read the file ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise DataError(f"--classes {path}: not UTF-8 text") from None
+    wnids = [line.split("#")[0].strip() for line in lines]
+    wnids = [w for w in wnids if w]
+    if not wnids or len(set(wnids)) != len(wnids):
+        raise DataError(f"--classes {path}: expected distinct class ids, one per line")
+    return sorted(wnids)
+
+
+def unpack_archive(archive: str | Path, cache_root: str | Path = "runs/data") -> Path:
+    """Extract a ``.tar.gz`` source once into ``<cache_root>/<archive name>/`` and return its top folder.
+
+    Extracted into a temporary sibling and renamed into place, so an interrupted extraction is
+    redone, never half-used; later calls reuse the folder.
+    """
+    import tarfile
+    import uuid
+
+    archive = Path(archive)
+    name = archive.name.removesuffix(".gz").removesuffix(".tgz").removesuffix(".tar")
+    target = Path(cache_root) / name
+    if not target.is_dir():
+        building = target.parent / f".{name}.extracting-{uuid.uuid4().hex[:8]}"
+        building.mkdir(parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(building, filter="data")
+            os.replace(building, target)
+        except (OSError, tarfile.TarError) as exc:
+            raise DataError(f"{archive}: cannot extract the archive ({exc})") from None
+        finally:
+            shutil.rmtree(building, ignore_errors=True)
+    tops = [p for p in target.iterdir() if p.is_dir()]
+    return tops[0] if len(tops) == 1 and not (target / "train").is_dir() else target
+
+
 def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: int = 10, seed: int = 0,
-                          strict_boxes: bool = False) -> Path:
+                          strict_boxes: bool = False, classes: Sequence[str] | None = None) -> Path:
     """Convert a Tiny ImageNet folder (see the module docstring for the split decisions).
+
+    Args:
+        classes: only these wnids (e.g. ``wsol20.txt``, ``pretrain172.txt``); the official val images
+            of other classes are left out of the test split. None: every class.
 
     Raises:
         DataError: the source is not in the Tiny ImageNet layout or its annotations are inconsistent.
@@ -209,6 +256,11 @@ def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: in
         wnids = sorted({w.strip() for w in wnids_file.read_text().split() if w.strip()})
     else:
         wnids = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    if classes is not None:
+        unknown = sorted(set(classes) - set(wnids))
+        if unknown:
+            raise DataError(f"--classes: {', '.join(unknown[:_MAX_LISTED])} not among the classes of {src}")
+        wnids = sorted(set(classes))
     missing = [w for w in wnids if not (train_root / w).is_dir()]
     if missing:
         raise DataError(f"{wnids_file}: no train/<wnid> folder for {', '.join(missing[:_MAX_LISTED])}")
@@ -274,6 +326,8 @@ def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: in
         if len(parts) != 6:
             raise DataError(f"{val_file}:{lineno}: expected <file> <wnid> <x0> <y0> <x1> <y1>, got {line!r}")
         name, wnid = parts[0], parts[1]
+        if classes is not None and wnid not in label_of:
+            continue  # a class left out by --classes
         if wnid not in label_of:
             raise DataError(f"{val_file}:{lineno}: wnid {wnid} is not one of the {len(wnids)} "
                             "training classes")
@@ -290,8 +344,10 @@ def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: in
         splits["test"].add(image_id, label, size, [check(box, size, f"{val_file}:{lineno}")])
     check.report()
     options = {"val_per_class": val_per_class, "seed": seed, "strict_boxes": strict_boxes}
-    classes = [(w, words.get(w, w)) for w in wnids]
-    return _write(out, "tiny-imagenet", src, options, splits, classes,
+    if classes is not None:
+        options["classes"] = list(wnids)
+    names = [(w, words.get(w, w)) for w in wnids]
+    return _write(out, "tiny-imagenet", src, options, splits, names,
                   {"classes": len(wnids), "clipped_boxes": len(check.clipped)}, ["train", "val"])
 
 
@@ -453,6 +509,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choice / synthetic images")
     parser.add_argument("--strict-boxes", action="store_true",
                         help="a box extending outside its image is an error instead of being clipped")
+    parser.add_argument("--classes", type=Path, default=None,
+                        help="tiny-imagenet: only the wnids listed in this file, one per line (e.g. "
+                             "wsol20.txt, pretrain172.txt); --src may also be a .tar.gz archive, extracted "
+                             "once into runs/data/")
     group = parser.add_argument_group("synthetic")
     group.add_argument("--num-classes", type=int, default=4)
     group.add_argument("--train-per-class", type=int, default=100)
@@ -476,8 +536,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_per_class = 10 if args.val_per_class is None else args.val_per_class
         if val_per_class < 1:
             raise ConfigError(f"--val-per-class must be at least 1, got {val_per_class}")
-        out = CONVERTERS[args.kind](args.src, args.out, val_per_class=val_per_class,
-                                    seed=args.seed, strict_boxes=args.strict_boxes)
+        extra = {}
+        if args.classes is not None:
+            if args.kind != "tiny-imagenet":
+                raise ConfigError("--classes applies to tiny-imagenet only")
+            extra["classes"] = read_class_list(args.classes)
+        src = args.src
+        if src.is_file() and src.name.endswith((".tar.gz", ".tgz", ".tar")):
+            src = unpack_archive(src)
+        out = CONVERTERS[args.kind](src, args.out, val_per_class=val_per_class,
+                                    seed=args.seed, strict_boxes=args.strict_boxes, **extra)
     print(f"{out}: ready (use it as --data-root)")
     return 0
 
