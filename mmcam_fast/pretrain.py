@@ -80,7 +80,8 @@ def pretrain(args: Any) -> dict[str, Any]:
 
     out = check_output_folder(args.out)
     device = torch.device(args.device)
-    data = build_datasets("tiny-imagenet", args.data_root, image_size=args.image_size)
+    data = build_datasets("tiny-imagenet", args.data_root, image_size=args.image_size,
+                          require_localization=False)
     torch.manual_seed(args.seed)
     model = build_network(args.arch, data.num_classes).to(device).to(memory_format=torch.channels_last)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]

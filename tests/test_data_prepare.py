@@ -224,3 +224,16 @@ def test_the_pretraining_classes_are_disjoint_from_every_wsol_benchmark():
     tiny5 = {p.name for p in (DATA / "tiny-imagenet-5" / "train").iterdir() if p.is_dir()}
     assert (len(pretrain), len(wsol20), len(tiny5)) == (172, 20, 5)
     assert not pretrain & wsol20 and not pretrain & tiny5 and not wsol20 & tiny5
+
+
+def test_labels_only_makes_a_classification_set(tmp_path):
+    """The pretraining classes come without box files: ``--labels-only`` accepts that and writes no
+    boxes in any split; training code reads it with ``require_localization=False``."""
+    from mmcam_fast.data.loaders import build_datasets
+
+    tiny = DATA / "tiny-imagenet-5"
+    assert main(["tiny-imagenet", "--src", str(tiny), "--out", str(tmp_path / "cls"), "--labels-only"]) == 0
+    for split in ("train", "val", "test"):
+        assert (tmp_path / "cls" / "metadata" / split / "localization.txt").read_text() == ""
+    data = build_datasets("tiny-imagenet", tmp_path / "cls", image_size=32, require_localization=False)
+    assert (data.num_classes, len(data.val), len(data.test)) == (5, 50, 250)

@@ -153,7 +153,8 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
                    flip_before_crop: bool = False,
                    metadata_root: str | Path | None = None, mask_root: str | Path | None = None,
                    bad_image_policy: str = "error", cache_root: str | Path = DEFAULT_CACHE_ROOT,
-                   synthetic: dict[str, Any] | None = None, check_files: bool = True) -> DataSplits:
+                   synthetic: dict[str, Any] | None = None, check_files: bool = True,
+                   require_localization: bool = True) -> DataSplits:
     """The train, val and test data sets of ``--data``.
 
     Args:
@@ -171,6 +172,8 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
             when no ``data_root`` is given.
         synthetic: keyword arguments of ``make_synthetic`` (number of classes, images, size, seed).
         check_files: check at construction that every listed image exists.
+        require_localization: val and test must have boxes or masks (WSOL); False for a
+            classification set (pretraining).
 
     Raises:
         ConfigError: an unknown data name, or a missing required flag.
@@ -192,7 +195,7 @@ def build_datasets(data: str, data_root: str | Path | None = None, *, image_size
     if not meta_root.is_dir():
         raise DataError(f"{meta_root}: metadata folder does not exist (check --metadata-root)")
     metas = {split: _load_split(meta_root, data, split) for split in SPLITS}
-    for split in ("val", "test"):  # the protocol scores localization on these: boxes or masks needed
+    for split in ("val", "test") if require_localization else ():  # WSOL scores localization there
         meta = metas[split]
         if not meta.boxes and not meta.has_masks:
             loc_file = _split_folder(meta_root, data, split) / "localization.txt"

@@ -237,12 +237,15 @@ def unpack_archive(archive: str | Path, cache_root: str | Path = "runs/data") ->
 
 
 def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: int = 10, seed: int = 0,
-                          strict_boxes: bool = False, classes: Sequence[str] | None = None) -> Path:
+                          strict_boxes: bool = False, classes: Sequence[str] | None = None,
+                          labels_only: bool = False) -> Path:
     """Convert a Tiny ImageNet folder (see the module docstring for the split decisions).
 
     Args:
         classes: only these wnids (e.g. ``wsol20.txt``, ``pretrain172.txt``); the official val images
             of other classes are left out of the test split. None: every class.
+        labels_only: a classification set (pretraining): no boxes in any split, and classes without
+            a box file are accepted.
 
     Raises:
         DataError: the source is not in the Tiny ImageNet layout or its annotations are inconsistent.
@@ -280,7 +283,10 @@ def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: in
         try:
             lines = boxes_file.read_text().splitlines()
         except FileNotFoundError:
-            raise DataError(f"{boxes_file}: box file is missing") from None
+            if not labels_only:
+                raise DataError(f"{boxes_file}: box file is missing (--labels-only makes a classification "
+                                "set without boxes)") from None
+            lines = []
         for lineno, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -294,7 +300,7 @@ def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: in
                                 f"{line!r}") from None
         files = sorted((p.name for p in (train_root / wnid / "images").iterdir()), key=_natural_key)
         no_box = [f for f in files if f not in boxes]
-        if no_box:
+        if no_box and not labels_only:
             raise DataError(f"{boxes_file}: no box for {len(no_box)} image(s): "
                             f"{', '.join(no_box[:_MAX_LISTED])}")
         no_image = sorted(set(boxes) - set(files))
@@ -303,8 +309,8 @@ def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: in
         for name in files:
             image_id = f"train/{wnid}/images/{name}"
             size = _size_of(src / image_id)
-            box = check(boxes[name], size, f"{boxes_file} ({name})")
-            annotations[image_id] = (label_of[wnid], size, [box])
+            box = [] if labels_only else [check(boxes[name], size, f"{boxes_file} ({name})")]
+            annotations[image_id] = (label_of[wnid], size, box)
             per_class.setdefault(label_of[wnid], []).append(image_id)
 
     held, too_small = _hold_out(per_class, val_per_class, seed)
@@ -341,11 +347,14 @@ def prepare_tiny_imagenet(src: str | Path, out: str | Path, *, val_per_class: in
         if not (src / image_id).exists():
             raise DataError(f"{val_file}:{lineno}: image {src / image_id} is missing")
         size = _size_of(src / image_id)
-        splits["test"].add(image_id, label, size, [check(box, size, f"{val_file}:{lineno}")])
+        boxes_ = [] if labels_only else [check(box, size, f"{val_file}:{lineno}")]
+        splits["test"].add(image_id, label, size, boxes_)
     check.report()
     options = {"val_per_class": val_per_class, "seed": seed, "strict_boxes": strict_boxes}
     if classes is not None:
         options["classes"] = list(wnids)
+    if labels_only:
+        options["labels_only"] = True
     names = [(w, words.get(w, w)) for w in wnids]
     return _write(out, "tiny-imagenet", src, options, splits, names,
                   {"classes": len(wnids), "clipped_boxes": len(check.clipped)}, ["train", "val"])
@@ -509,6 +518,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out choice / synthetic images")
     parser.add_argument("--strict-boxes", action="store_true",
                         help="a box extending outside its image is an error instead of being clipped")
+    parser.add_argument("--labels-only", action="store_true",
+                        help="tiny-imagenet: a classification set without boxes (pretraining)")
     parser.add_argument("--classes", type=Path, default=None,
                         help="tiny-imagenet: only the wnids listed in this file, one per line (e.g. "
                              "wsol20.txt, pretrain172.txt); --src may also be a .tar.gz archive, extracted "
@@ -541,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.kind != "tiny-imagenet":
                 raise ConfigError("--classes applies to tiny-imagenet only")
             extra["classes"] = read_class_list(args.classes)
+        if args.labels_only:
+            if args.kind != "tiny-imagenet":
+                raise ConfigError("--labels-only applies to tiny-imagenet only")
+            extra["labels_only"] = True
         src = args.src
         if src.is_file() and src.name.endswith((".tar.gz", ".tgz", ".tar")):
             src = unpack_archive(src)
