@@ -62,9 +62,9 @@ def localize_images(checkpoint: str | Path, images: list[Path], *, device: str =
                                  for c, p in zip(top[0].tolist(), probs[0].tolist(), strict=True)],
                  "boxes": boxes}
         if out_dir is not None:
-            small = cv2.resize(np.asarray(image), (SCOREMAP_SIZE, SCOREMAP_SIZE),
-                               interpolation=cv2.INTER_LINEAR)
-            picture = overlay_image(small, scoremap, [], cam_threshold, multi_contour, image_id=str(path))
+            best = entry["predictions"][0]
+            picture = overlay_image(np.asarray(image), scoremap, [], cam_threshold, multi_contour,
+                                    image_id=str(path), prediction=(best["name"], best["score"]))
             overlay = out_dir / f"{len(results):04d}_{path.stem}.png"
             cv2.imwrite(str(overlay), picture)
             entry["overlay"] = str(overlay)
