@@ -3,12 +3,20 @@
     pytest benchmarks/test_bench_step.py --benchmark-only          # pytest-benchmark table
     python benchmarks/test_bench_step.py [THREADS]                  # ratios, FLOP/s, matmul peak
 
-Cases: resnet50_cam at 224 (N=2, S=5) and resnet18_cam at 64 (N=4, S=5), each with ids
+Cases: resnet50_cam at 224 (N=2, S=5) and resnet18_cam at 64 (N=4, S=5), at the project's default
+feature-map geometry (the table names it), each with ids
 ``reference`` and ``fast`` (the fast engine as a run gets it by default: on CPU without
 torch.compile), ``fast-compiled`` (the fast engine with ``--compile``) and ``fast-no-fold`` (the
 fast engine with ``--no-fold-bn``: Stage II's BatchNorm not folded into the convolutions). The same run
 measures this machine's matmul throughput (bf16 and fp32) so that the step's achieved FLOP/s can be
 given as a fraction of it; the step's FLOPs are counted with ``torch.utils.flop_counter``.
+
+Each engine's plain cross-entropy step (lambda_crr = lambda_frr = 0: Stage I only) is measured in the
+same run (ids ``reference-ce``, ``fast-ce``, ``fast-compiled-ce``), so that the MinMaxCAM step's cost
+can be given in CE steps of the same engine (``fast-no-fold`` against ``fast-ce``: folding only
+touches Stage II); the script times each engine's two steps alternately. Stage II is one no-grad
+forward and one forward with an input-gradient backward through the frozen backbone, so with the
+backbone dominating a MinMaxCAM step costs about two CE steps.
 
 The script also measures what bounds the ratio: the throughput of a 3x3 convolution in bf16 and in
 fp32 (oneDNN, channels-last; on CPUs without AMX bf16 convolutions are faster than the bf16 matmul) and,
@@ -20,6 +28,7 @@ gain if every other operation were free.
 from __future__ import annotations
 
 import json
+import os
 import time
 from functools import cache
 from pathlib import Path
@@ -35,9 +44,19 @@ from mmcam_fast.engine import Trainer
 from mmcam_fast.models import create_model
 
 CASES = {"resnet50_224": ("resnet50", 224, 2), "resnet18_64": ("resnet18", 64, 4)}
+CE = {"lambda_crr": 0.0, "lambda_frr": 0.0}  # plain CAM: Stage II is skipped
 IMPLS = {"reference": {"impl": "reference"}, "fast": {"impl": "fast"},
          "fast-compiled": {"impl": "fast", "compile": True},
-         "fast-no-fold": {"impl": "fast", "fold_bn": False}}
+         "fast-no-fold": {"impl": "fast", "fold_bn": False},
+         "reference-ce": {"impl": "reference", **CE}, "fast-ce": {"impl": "fast", **CE},
+         "fast-compiled-ce": {"impl": "fast", "compile": True, **CE}}
+# each MinMaxCAM row's CE step of the same engine, and each row's reference
+CE_TWIN = {"reference": "reference-ce", "fast": "fast-ce", "fast-compiled": "fast-compiled-ce",
+           "fast-no-fold": "fast-ce"}
+REFERENCE = {impl: "reference-ce" if impl.endswith("-ce") else "reference" for impl in IMPLS}
+# the script times each group's steps alternately (IMPLS order within a case is kept for the table)
+TIMED_TOGETHER = (("reference", "reference-ce"), ("fast", "fast-ce"), ("fast-compiled", "fast-compiled-ce"),
+                  ("fast-no-fold",))
 SET_SIZE = 5
 
 
@@ -57,9 +76,32 @@ def make_step(case: str, impl: str):
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def feature_map(case: str) -> str:
+    """The case's feature-map size at the project's default geometry, e.g. ``28x28``."""
+    backbone, size, _ = CASES[case]
+    model = create_model(backbone, 10).eval()
+    with torch.no_grad():
+        side = model.backbone(torch.zeros(1, 3, size, size)).shape[-1]
+    return f"{side}x{side}"
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and whether it has native bf16 (AVX512-BF16, AMX), from /proc/cpuinfo."""
+    model, flags = "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and ":" in line:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu_model": model, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+
+
 @cache
-def step_flops(case: str) -> int:
-    step, _ = make_step(case, "reference")
+def step_flops(case: str, impl: str = "reference") -> int:
+    step, _ = make_step(case, impl)
     with FlopCounterMode(display=False) as counter:
         step()
     return counter.get_total_flops()
@@ -114,7 +156,7 @@ def test_step(benchmark, case, impl):
     step, batch = make_step(case, impl)
     benchmark.group = f"step {case}"
     benchmark.extra_info["images_per_step"] = batch
-    benchmark.extra_info["flops"] = step_flops(case)  # for FLOP/s against test_matmul_peak's
+    benchmark.extra_info["flops"] = step_flops(case, REFERENCE[impl])  # for FLOP/s against test_matmul_peak's
     benchmark.pedantic(step, rounds=3, iterations=1)
 
 
@@ -135,6 +177,10 @@ def test_matmul_peak(benchmark, dtype):
     benchmark.pedantic(lambda: a @ b, rounds=5, iterations=1, warmup_rounds=2)
 
 
+def _in_ce_steps(row: dict) -> str:
+    return "" if row["in_ce_steps"] is None else f"{row['in_ce_steps']:.2f}"
+
+
 def main(threads: int | None = None) -> None:
     """Print and write (``benchmarks/results/step*.{json,md}``) the table; ``threads``: torch threads."""
     if threads is not None:
@@ -142,47 +188,74 @@ def main(threads: int | None = None) -> None:
     suffix = "" if threads is None else f"_{threads}thread"
     peaks = {"bf16": matmul_flops_per_s(torch.bfloat16), "fp32": matmul_flops_per_s(torch.float32)}
     conv_peaks = {"bf16": conv_flops_per_s(torch.bfloat16), "fp32": conv_flops_per_s(torch.float32)}
+    load_before = os.getloadavg()
     rows = []
     for case in CASES:
-        flops = step_flops(case)
+        flops = {ref: step_flops(case, ref) for ref in ("reference", "reference-ce")}
+        geometry = feature_map(case)
+        batch = CASES[case][2] * SET_SIZE
         times, conv = {}, {}
-        for impl in IMPLS:
-            step, batch = make_step(case, impl)
-            start = time.perf_counter()
+        for group in TIMED_TOGETHER:
+            # a MinMaxCAM step and its engine's CE step alternate, so that their ratio sees the same
+            # machine (the load of a shared machine drifts within minutes)
+            steps = {impl: make_step(case, impl) for impl in group}
+            spent = dict.fromkeys(group, 0.0)
             for _ in range(3):
-                step()
-            times[impl] = (time.perf_counter() - start) / 3
-            conv[impl] = conv_seconds(step)  # one more step, under the profiler
-        for impl, seconds in times.items():
-            rows.append({"case": case, "impl": impl, "step_s": round(seconds, 3),
+                for impl, (step, _) in steps.items():
+                    start = time.perf_counter()
+                    step()
+                    spent[impl] += time.perf_counter() - start
+            for impl, (step, _) in steps.items():
+                times[impl] = spent[impl] / 3
+                conv[impl] = conv_seconds(step)  # one more step, under the profiler
+            del steps
+        for impl in IMPLS:
+            seconds = times[impl]
+            reference, step_flop = times[REFERENCE[impl]], flops[REFERENCE[impl]]
+            twin = CE_TWIN.get(impl)
+            rows.append({"case": case, "map": geometry, "impl": impl, "step_s": round(seconds, 3),
                          "images_per_s": round(batch / seconds, 2),
-                         "speedup": round(times["reference"] / seconds, 2),
-                         "gflop_per_s": round(flops / seconds / 1e9, 1),
-                         "of_bf16_peak": round(flops / seconds / peaks["bf16"], 3),
-                         "of_fp32_peak": round(flops / seconds / peaks["fp32"], 3),
-                         "of_bf16_conv": round(flops / seconds / conv_peaks["bf16"], 3),
+                         "speedup": round(reference / seconds, 2),
+                         "in_ce_steps": round(seconds / times[twin], 2) if twin else None,
+                         "gflop_per_s": round(step_flop / seconds / 1e9, 1),
+                         "of_bf16_peak": round(step_flop / seconds / peaks["bf16"], 3),
+                         "of_fp32_peak": round(step_flop / seconds / peaks["fp32"], 3),
+                         "of_bf16_conv": round(step_flop / seconds / conv_peaks["bf16"], 3),
                          "conv_s": round(conv[impl], 3),
-                         "speedup_bound": round(times["reference"] / conv[impl], 2)})
+                         "speedup_bound": round(reference / conv[impl], 2)})
     peak_line = {"matmul_gflop_per_s": {k: round(v / 1e9, 1) for k, v in peaks.items()},
                  "conv3x3_gflop_per_s": {k: round(v / 1e9, 1) for k, v in conv_peaks.items()},
                  "threads": torch.get_num_threads(),
-                 "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), **cpu_description(),
+                 "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                 "load_average": {"before": [round(x, 2) for x in load_before],
+                                  "after": [round(x, 2) for x in os.getloadavg()]}}
     print(json.dumps(peak_line))
     for row in rows:
         print(json.dumps(row))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"step{suffix}.json").write_text(json.dumps({**peak_line, "rows": rows}, indent=2) + "\n")
-    lines = ["| case | impl | s / step | images / s | vs reference | GFLOP/s | of bf16 matmul peak "
-             "| of bf16 conv peak | s in conv kernels | bound: reference s / conv s |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    lines += [f"| {r['case']} | {r['impl']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} "
-              f"| {r['speedup']:.2f}x | {r['gflop_per_s']:.1f} | {100 * r['of_bf16_peak']:.1f} % "
+    lines = ["| case | map | impl | s / step | images / s | vs reference | MinMaxCAM / CE | GFLOP/s "
+             "| of bf16 matmul peak | of bf16 conv peak | s in conv kernels | bound: reference s / conv s |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['case']} | {r['map']} | {r['impl']} | {r['step_s']:.3f} | {r['images_per_s']:.2f} "
+              f"| {r['speedup']:.2f}x | {_in_ce_steps(r)} "
+              f"| {r['gflop_per_s']:.1f} | {100 * r['of_bf16_peak']:.1f} % "
               f"| {100 * r['of_bf16_conv']:.1f} % | {r['conv_s']:.3f} | {r['speedup_bound']:.2f}x |"
               for r in rows]
-    lines += ["", f"Threads {peak_line['threads']}, {peak_line['cpu_capability']}; GFLOP/s: "
+    yes_no = {True: "yes", False: "no"}
+    lines += ["", f"CPU {peak_line['cpu_model']}: AVX512-BF16 {yes_no[peak_line['avx512_bf16']]}, AMX-BF16 "
+              f"{yes_no[peak_line['amx_bf16']]} (oneDNN native bf16: {yes_no[peak_line['native_bf16']]}). "
+              f"Threads {peak_line['threads']}, {peak_line['cpu_capability']}; GFLOP/s: "
               f"matmul 4096^2 bf16 {peak_line['matmul_gflop_per_s']['bf16']}, "
               f"fp32 {peak_line['matmul_gflop_per_s']['fp32']}; 3x3 conv bf16 "
-              f"{peak_line['conv3x3_gflop_per_s']['bf16']}, fp32 {peak_line['conv3x3_gflop_per_s']['fp32']}."]
+              f"{peak_line['conv3x3_gflop_per_s']['bf16']}, fp32 {peak_line['conv3x3_gflop_per_s']['fp32']}. "
+              "Load average (1, 5, 15 min) before "
+              f"{', '.join(map(str, peak_line['load_average']['before']))}, after "
+              f"{', '.join(map(str, peak_line['load_average']['after']))}.",
+              "", "vs reference: against the reference step of the same kind (MinMaxCAM rows against "
+              "`reference`, CE rows against `reference-ce`). MinMaxCAM / CE: the MinMaxCAM step's time in "
+              "CE steps of the same engine (`fast-no-fold` against `fast-ce`)."]
     (RESULTS / f"step{suffix}.md").write_text("\n".join(lines) + "\n")
 
 

@@ -265,6 +265,10 @@ class Trainer:
                                      mask=config.stage2_mask)
         loss2 = config.lambda_crr * crr + config.lambda_frr * frr
         finite = self._step(loss2, average=(plain.fc.weight,))
+        if self._stage2 is not self._stage2_forward and self.device.type == "cuda":
+            # Outputs of a CUDA-graph replay live in the graph's memory and are overwritten by the
+            # next replay; MetricLog keeps them for --log-every steps, so it gets copies (scalars).
+            crr, frr = crr.detach().clone(), frr.detach().clone()
         return {"crr": crr.detach(), "frr": frr.detach(), "loss2": loss2.detach()}, finite
 
     def state_dict(self) -> dict[str, Any]:
