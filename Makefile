@@ -29,3 +29,23 @@ bench: setup
 
 experiments: setup
 	$(PY) -m mmcam_fast.experiments --src $(SHARED_DATA)/tiny-imagenet-5
+
+# `make gpu-check`: the GPU paths proven on this machine's GPU in under 8 minutes, stage by stage
+# (benchmarks/gpu_check.py, docs/gpu-check.md). Arguments go through ARGS: `make gpu-check ARGS=--dry-run`
+# (the same stages on the CPU with tiny shapes), `make gpu-check ARGS="--stages c,e --budget e=600"`.
+# No setup step: it checks the environment as it is installed.
+.PHONY: gpu-check
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(ARGS)
+
+# Mutation testing (docs/mutation.md): cosmic-ray over the method's core modules, each with its own
+# test files as the runner, in a copy of the checkout (build/mutation/tree). Not part of `make test`
+# or CI: about an hour on 2 cores. A fixed sample of mutants per module (SAMPLE in tools/mutation.py);
+# MUTATION_SAMPLE=0 runs them all, MUTATION_MODULES="sampler level_tree" some modules,
+# MUTATION_ARGS=--survivors the last run's survivors only. Results: build/mutation/<module>.txt
+MUTATION_MODULES ?=
+MUTATION_ARGS ?=
+.PHONY: mutation
+mutation: setup
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev,mutation]'
+	nice -n 10 $(PY) tools/mutation.py $(MUTATION_ARGS) $(MUTATION_MODULES)

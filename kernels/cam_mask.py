@@ -525,7 +525,7 @@ def cam_mask_ref(
     *,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch specification of :func:`cam_mask` (METHOD.md Stage II steps 3-6).
+    """Plain-PyTorch specification of :func:`cam_mask` (docs/method.md Stage II steps 3-6).
 
     Computed literally in ``compute_dtype``, also under autocast; by default the inputs' promoted
     dtype, at least fp32 (the kernels accumulate in fp32; fp64 inputs stay fp64). The tests also run

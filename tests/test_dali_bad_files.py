@@ -120,6 +120,8 @@ def test_readable_files_give_the_same_pixels(root):
         assert a.shape == b.shape and torch.equal(ia, ib) and torch.equal(la, lb)
         diff = _levels(a, b)
         interior = diff[..., 1:-1, 1:-1]
+        # the DALI equivalence bound (README, "DALI"; tests/test_dali_equivalence.py): one 8-bit level
+        # inside, 32 on the outermost row and column, plus 1e-3 level of float32 normalisation
         assert float(interior.max()) <= 1.0 + 1e-3, [dataset.image_ids[i] for i in ia.tolist()]
         assert float(diff.max()) <= 32.0 + 1e-3  # the outermost row and column (equivalence bound)
     assert dataset.bad_images == 0
@@ -162,7 +164,7 @@ def test_skip_policy_substitutes_the_same_images(root, caplog):
     assert t_labels == [0] * 6 + [1] * 4
     assert d_count == t_count == 4
     assert d_messages == t_messages and len(d_messages) == 4
-    assert float(_levels(d_images, t_images)[..., 1:-1, 1:-1].max()) <= 1.0 + 1e-3
+    assert float(_levels(d_images, t_images)[..., 1:-1, 1:-1].max()) <= 1.0 + 1e-3  # the bound, as above
 
 
 def test_skip_policy_with_no_readable_image_in_the_class(root):
@@ -200,6 +202,6 @@ def test_a_file_dali_cannot_decode_is_found_skip_policy(root, no_screen, caplog)
     assert torch.cat([b[2] for b in batches]).tolist() == [0, 1, 3, 3, 4, 5]
     assert torch.cat([b[2] for b in reference]).tolist() == [0, 1, 3, 3, 4, 5]
     diff = _levels(torch.cat([b[0] for b in batches]), torch.cat([b[0] for b in reference]))
-    assert float(diff[..., 1:-1, 1:-1].max()) <= 1.0 + 1e-3 and float(diff.max()) <= 32.0 + 1e-3
+    assert float(diff[..., 1:-1, 1:-1].max()) <= 1.0 + 1e-3 and float(diff.max()) <= 32.0 + 1e-3  # as above
     assert any("anim.gif: DALI's decoder refused the image" in r.getMessage() for r in caplog.records)
     assert dataset.bad_images == 1

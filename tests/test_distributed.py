@@ -171,6 +171,8 @@ def test_stage2_fc_gradient_is_averaged_over_ranks_and_nonfinite_skips_everywher
     single.stage2_step(*_batch())
     expected = single.model.fc.weight.detach()
     assert not torch.equal(expected, before)
+    # fp32: two ranks' half-batch gradients averaged against one full-batch sum (another summation
+    # order, ~1e-7 relative), then one SGD step
     torch.testing.assert_close(ranks[0]["fc_after_stage2"], expected, rtol=1e-5, atol=1e-7)
     assert [r["unchanged_after_nan"] for r in ranks] == [True, True]
     assert [r["skipped"] for r in ranks] == [1, 1]

@@ -52,7 +52,9 @@ def compiled_run():
 def test_fast_fp32_compiled_matches_reference_over_20_steps(reference_run, compiled_run):
     ref_model, _, ref_losses = reference_run
     fast_model, _, fast_losses = compiled_run
-    rel = ((fast_losses - ref_losses).abs() / ref_losses.abs().clamp_min(1e-12)).max()
+    rel = ((fast_losses - ref_losses).abs() / ref_losses.abs().clamp_min(1e-12)).max()  # no loss is 0
+    # 1e-4: the engine's fp32 contract; the paths differ in the order of fp32 operations only
+    # (channels-last convolutions, fused SGD, compiled kernels), measured ~1e-6 after 20 steps
     assert rel < 1e-4, f"largest relative loss difference {rel:.3g}\nref {ref_losses[:3]}\n{fast_losses[:3]}"
     torch.testing.assert_close(fast_model.fc.weight, ref_model.fc.weight, rtol=1e-4, atol=1e-5)
 
@@ -86,42 +88,95 @@ def test_bf16_tracks_the_reference(reference_run):
     """bf16 autocast (forced, eager): the losses stay within a measured band of the fp32 reference."""
     _, _, ref_losses = reference_run
     _, _, bf16_losses = _run("fast", amp="bf16", compile=False)
-    rel = ((bf16_losses - ref_losses).abs() / ref_losses.abs().clamp_min(1e-6))
-    # Measured on this model (20 steps): max relative deviation per loss column, see README.
+    rel = ((bf16_losses - ref_losses).abs() / ref_losses.abs().clamp_min(1e-6)).amax(dim=0)
     assert torch.isfinite(bf16_losses).all()
-    assert rel[:, 0].max() < 0.05, f"CE deviates by {rel[:, 0].max():.3g}"
-    assert rel[:, 1:].max() < 0.25, f"CRR/FRR deviate by {rel[:, 1:].max(dim=0).values}"
+    # Measured on this model over 20 steps, for the weights of seeds 0-3: the largest relative
+    # deviation of CE 3.6e-3, CRR 2.1e-2, FRR 7.0e-3 (bf16 rounds the backbone's activations, and
+    # CRR/FRR are differences of nearly equal features). The band is twice that, flash-attention's
+    # factor, for another CPU's bf16 rounding (AMX and emulated bf16 convolutions round differently).
+    measured = torch.tensor([3.6e-3, 2.1e-2, 7.0e-3])
+    assert (rel <= 2 * measured).all(), f"CE, CRR, FRR deviate by {rel.tolist()}, band {2 * measured}"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graphs_stage2_matches_eager_on_gpu():
-    results = []
-    for options in ({"compile": False}, {"compile": True, "cuda_graphs": True}):
+GPU_STEPS = 5
+
+
+@pytest.fixture
+def cuda_fp32():
+    """CUDA in true fp32: cuDNN's TF32 convolutions (on by default) would round to 10 mantissa bits."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _cuda_run(impl: str, kernels: str | None = None, **options):
+    """GPU_STEPS steps on CUDA from the CPU runs' weights and batches: model, trainer, [CE, CRR, FRR]."""
+    with pytest.MonkeyPatch.context() as patch:
+        if kernels is not None:
+            patch.setenv("MMCAM_KERNELS", kernels)
         model = _tiny_model().cuda()
-        trainer = Trainer(model, TrainConfig(set_size=3, sets_per_batch=2, lr=0.01, impl="fast",
-                                             amp="off", **options))
-        for x, y in _batches()[:5]:
-            metrics = trainer.train_step(x.cuda(), y.cuda())
-        results.append((metrics["crr"].item(), metrics["frr"].item(), model.fc.weight.detach().cpu()))
-    assert abs(results[0][0] - results[1][0]) <= 1e-4 * abs(results[0][0]) + 1e-6
-    torch.testing.assert_close(results[0][2], results[1][2], rtol=1e-3, atol=1e-5)
+        trainer = Trainer(model, TrainConfig(set_size=3, sets_per_batch=2, lr=0.01, impl=impl, **options))
+        history = [trainer.train_step(x.cuda(), y.cuda()) for x, y in _batches()[:GPU_STEPS]]
+    losses = torch.tensor([[float(h["ce"]), float(h["crr"]), float(h["frr"])] for h in history])
+    return model, trainer, losses
+
+
+def _deviation(run, reference) -> torch.Tensor:
+    """Largest relative deviation of CE, CRR, FRR (over the steps) and of fc.weight, from the reference."""
+    (model, _, losses), (ref_model, _, ref_losses) = run, reference
+    rel = ((losses - ref_losses).abs() / ref_losses.abs()).amax(dim=0)
+    want = ref_model.fc.weight.detach()
+    fc = (model.fc.weight.detach() - want).abs().max() / want.abs().max()
+    return torch.cat([rel, fc.cpu().reshape(1)])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fp16_grad_scaler_on_gpu():
-    model = _tiny_model().cuda()
-    trainer = Trainer(model, TrainConfig(set_size=3, sets_per_batch=2, lr=0.01, impl="fast", amp="fp16"))
-    assert trainer.scaler.is_enabled()
-    for x, y in _batches()[:5]:
-        metrics = trainer.train_step(x.cuda(), y.cuda())
-    assert all(torch.isfinite(v) for v in metrics.values())
+@pytest.mark.parametrize("options", [{"compile": False}, {"compile": True, "cuda_graphs": True}],
+                         ids=["eager", "cuda-graphs"])
+def test_fp32_fast_engine_on_gpu_matches_the_reference(cuda_fp32, options):
+    """Triton kernels, eager or compiled and replayed from CUDA graphs, against the fp32 reference step.
+
+    1e-4: the fp32 contract the CPU test above holds the compiled engine to (the paths differ only in
+    the order of fp32 operations; TF32 is off for both).
+    """
+    reference = _cuda_run("reference")
+    run = _cuda_run("fast", amp="off", **options)
+    assert run[1].kernels == "triton"
+    deviation = _deviation(run, reference)
+    assert (deviation <= 1e-4).all(), f"CE, CRR, FRR, fc.weight deviate by {deviation.tolist()}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_half_precision_fast_engine_on_gpu_tracks_the_reference(cuda_fp32, amp):
+    """bf16 / fp16 autocast (fp16 with the GradScaler), folded BatchNorm, Triton kernels: fp32 yardstick.
+
+    The band is the one tests/interpret/test_engine_production.py derives on CPU: what the reduced
+    precision costs anyway, measured here as the deviation of the same fast step with the
+    plain-PyTorch ops in place of the kernels (MMCAM_KERNELS=reference); the kernels may take the
+    step at most twice as far from the fp32 reference, plus the fp32 bound, per loss and for fc.weight.
+    """
+    reference = _cuda_run("reference")
+    run = _cuda_run("fast", amp=amp, compile=False)
+    plain = _cuda_run("fast", kernels="reference", amp=amp, compile=False)
+    trainer = run[1]
+    assert trainer.kernels == "triton" and plain[1].kernels == "reference" and trainer.folded is not None
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    if amp == "fp16":
+        assert 0 < trainer.scaler.get_scale() < float("inf")
+    assert torch.isfinite(run[2]).all()
+    deviation, band = _deviation(run, reference), 2 * _deviation(plain, reference) + 1e-4
+    assert (deviation <= band).all(), (f"CE, CRR, FRR, fc.weight: deviation {deviation.tolist()}, "
+                                       f"band {band.tolist()}")
 
 
 def test_fast_eager_feature_masking_matches_reference():
     # the Table 3 ablation goes through the same Stage II code on both paths
     ref_model, _, ref_losses = _run("reference", stage2_mask="feature")
     fast_model, _, fast_losses = _run("fast", amp="off", compile=False, stage2_mask="feature")
+    # the fp32 contract, as above (atol: losses and weights of order 1e-2 to 1)
     torch.testing.assert_close(fast_losses, ref_losses, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(fast_model.fc.weight, ref_model.fc.weight, rtol=1e-4, atol=1e-5)

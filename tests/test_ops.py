@@ -132,6 +132,8 @@ def test_cam_mask_ref_agrees_with_the_method_reference(batch, channels, map_size
     grad = torch.autograd.grad(out.square().sum(), weight)[0]
     out_method = masked_images_reference(features, weight, labels, images)
     grad_method = torch.autograd.grad(out_method.square().sum(), weight)[0]
+    # float64 (unit roundoff 1.1e-16), the same operations in another order: values to ~1e-15; the
+    # gradient passes the min-max division, which can amplify by max|CAM| / range, hence 1e-10
     torch.testing.assert_close(out, out_method, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, grad_method, rtol=1e-10, atol=1e-12)
 
@@ -149,6 +151,7 @@ def test_set_regularizers_ref_agrees_with_an_explicit_pair_loop(batch, set_size)
         for s in sets
     ) / len(sets)
     frr_loop = sum(mse(f[b], f_orig[b]) for b in range(batch)) / batch
+    # float64 sums of a few dozen squares, each ~1e-16 relative: 1e-12 is four orders above that
     torch.testing.assert_close(crr, crr_loop, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(frr, frr_loop, rtol=1e-12, atol=1e-14)
     crr_method, frr_method = set_regularizers_reference(f, f_orig, set_size)

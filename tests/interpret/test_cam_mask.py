@@ -11,6 +11,13 @@ from mmcam_kernels import CAM_EPS, cam_mask, cam_mask_ref
 # (dtype of features and images, channels-last, atol for values, atol for gradients relative to
 # their max). fp32 is compared elementwise with a tight tolerance; bf16/fp16 with flash-attention's
 # rule. Each dtype and each layout appears; fp32 in both layouts (the layout changes only the loads).
+# The fp32 atols (1e-5 of values of order 1; rtol 1e-5 / 1e-4 for dL/dW) leave a factor of about 5
+# over fp32's summation-order error, sqrt(n) * 2^-24 for the K- and h*w-long sums (n <= 2048). The
+# half atols are one unit in the last place of the dtype at the masked images' magnitude (|x| < 4:
+# bf16 2^-6 ~ 1.6e-2, rounded down to 1e-2 since PyTorch's own half error is added twice; fp16
+# 2^-9 ~ 2e-3, likewise 1e-3), and 1e-3 of the largest gradient entry: the kernels accumulate dL/dW
+# in fp32 from the same half inputs (see tests/interpret/test_kernel_properties.py for the bound
+# without the flash rule).
 DTYPE_LAYOUTS = [
     pytest.param(torch.float32, False, 1e-5, 1e-5, id="fp32-contiguous"),
     pytest.param(torch.float32, True, 1e-5, 1e-5, id="fp32-channels_last"),
@@ -206,4 +213,31 @@ def test_strided_labels_and_weight():
     out, grad = value_and_weight_grad(cam_mask, features, weight_t, labels, images, grad_out)
     out_ref, grad_ref = value_and_weight_grad(cam_mask_ref, features, weight, labels, images, grad_out)
     assert_close(out, out_ref, atol=1e-5, rtol=1e-5, what="masked images")
+    assert_close(grad, grad_ref, atol=1e-5 * float(grad_ref.abs().max()), rtol=1e-4, what="dL/dW")
+
+
+@pytest.mark.parametrize(
+    "map_h,map_w,height,width",
+    [
+        pytest.param(5, 7, 21, 30, id="5x7-to-21x30"),  # wider than high: a row is w cells, not h
+        pytest.param(7, 5, 30, 21, id="7x5-to-30x21"),  # higher than wide (row * h would read past the map)
+        pytest.param(1, 6, 9, 17, id="1x6-to-9x17"),  # a single row
+        pytest.param(6, 1, 17, 9, id="6x1-to-17x9"),  # a single column
+    ],
+)
+def test_non_square_feature_maps_match_reference(map_h, map_w, height, width):
+    # The kernels address the [h*w] CAM row-major (cell (i, j) at i * w + j) in the forward's four
+    # bilinear corners and in the backward's per-row gradient: on a square map i * h and i * w are
+    # the same address, so only a map with h != w tells them apart. Values and dL/dW.
+    gen = torch.Generator().manual_seed(map_h * 10 + map_w)
+    features = torch.randn(4, 24, map_h, map_w, generator=gen).relu()
+    weight = torch.randn(3, 24, generator=gen) * 24**-0.5
+    labels = torch.tensor([0, 0, 2, 1])
+    images = torch.randn(4, 3, height, width, generator=gen)
+    grad_out = torch.randn(4, 3, height, width, generator=gen)
+    out, grad = value_and_weight_grad(cam_mask, features, weight, labels, images, grad_out)
+    out_ref, grad_ref = value_and_weight_grad(cam_mask_ref, features, weight, labels, images, grad_out)
+    # fp32 against fp32: the kernels differ from the reference only in summation order (K = 24
+    # products per cell, bilinear sums of 4), a few ulps of values of order 1
+    assert_close(out, out_ref, atol=1e-5, rtol=1e-5, what=f"masked images, {map_h}x{map_w} map")
     assert_close(grad, grad_ref, atol=1e-5 * float(grad_ref.abs().max()), rtol=1e-4, what="dL/dW")

@@ -8,6 +8,10 @@ from _checks import assert_close, assert_within_torch_error
 from mmcam_kernels import SetRegularizersFunction, set_regularizers, set_regularizers_ref
 
 # (dtype, atol for the losses, atol for dL/df relative to its max); fp32 tight, half: flash rule.
+# fp32: the losses are sums of B*K squares (1e-6 absolute on losses of order 1e-2 to 1, rtol 1e-5:
+# ~100 fp32 roundings of headroom); half: the kernels read the same half values and sum in fp32, so
+# only the output's one rounding to bf16 (2^-8 ~ 4e-3 relative, 1e-3 absolute on losses < 0.3) or
+# fp16 (2^-11 ~ 5e-4, 1e-4 absolute) remains, plus twice PyTorch's own error in that dtype.
 DTYPES = [
     pytest.param(torch.float32, 1e-6, 1e-5, id="fp32"),
     pytest.param(torch.bfloat16, 1e-3, 1e-3, id="bf16"),
@@ -90,3 +94,22 @@ def test_strided_inputs_and_expanded_gradient():
     (crr_ref + frr_ref).backward()
     assert_close(losses, torch.stack([crr_ref, frr_ref]), atol=1e-6, rtol=1e-5, what="[CRR, FRR]")
     assert_close(f.grad, f_ref.grad, atol=1e-5 * float(f_ref.grad.abs().max()), rtol=1e-4, what="dL/df")
+
+
+def test_backward_tail_block_writes_only_its_own_row():
+    # K one block and a 3-wide tail: the last K block of each row must stop at column K - 1. A mask
+    # that let column K through would write row s's tail gradient into row s + 1's column 0 after
+    # the first block had written it (programs run block by block), and past the end of the buffer
+    # for the last row. fp32 with B * K * 4 bytes a multiple of 16: such a write past the end would
+    # land in the allocation's slack, so the wrong values fail the comparison instead of a crash.
+    from mmcam_kernels import KERNEL_CONFIGS
+
+    block = KERNEL_CONFIGS["_set_regularizers_bwd_kernel"].meta["BLOCK_K"]
+    f, f_orig = make_inputs(4, block + 3, torch.float32, seed=3)
+    f[:, 0] += torch.arange(4.0)  # column 0 differs from row to row: a stray write shows
+    crr, frr, grad = losses_and_grad(set_regularizers, f, f_orig, 2)
+    crr_ref, frr_ref, grad_ref = losses_and_grad(set_regularizers_ref, f, f_orig, 2)
+    # fp32 against fp32: two-pass sums of B * K = 2 * 515 squares in either order, rounding ~1e-7
+    assert_close(torch.stack([crr, frr]), torch.stack([crr_ref, frr_ref]), atol=1e-6, rtol=1e-5,
+                 what="[CRR, FRR]")
+    assert_close(grad, grad_ref, atol=1e-5 * float(grad_ref.abs().max()), rtol=1e-4, what="dL/df")
