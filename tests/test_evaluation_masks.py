@@ -61,6 +61,7 @@ def test_pxap_by_hand(hand_case, impl):
     # from the top bin down: tp = 0, 1, 8960, 17920; fp = 0, 0, 8960, 23296; 17920 positives
     # precision = -, 1, 1/2, 17920/41216; recall = 0, 1/17920, 1/2, 1 (the 0/0 first bin is masked)
     expected = 100 * (1 * (1 / 17920) + 0.5 * (0.5 - 1 / 17920) + (17920 / 41216) * 0.5)
+    # the same three products summed in float64 by both (2^-53 = 1.1e-16 each): a few ulps apart
     assert evaluator.compute() == pytest.approx(expected, rel=1e-12)
 
 
