@@ -183,15 +183,9 @@ def _import_from(folder: Path, name: str):
 # -- a: environment ------------------------------------------------------------------------------------
 
 def _cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from machine import cpu_model_and_flags  # benchmarks/machine.py, beside this script
+
+    model, flags = cpu_model_and_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return {"model": model, "cores": os.cpu_count(), **{f: f in flags for f in wanted}}
 

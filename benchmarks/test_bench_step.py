@@ -87,15 +87,9 @@ def feature_map(case: str) -> str:
 
 def cpu_description() -> dict:
     """The CPU's model name and whether it has native bf16 (AVX512-BF16, AMX), from /proc/cpuinfo."""
-    model, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and ":" in line:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and ":" in line:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from machine import cpu_model_and_flags  # benchmarks/machine.py, beside this file
+
+    model, flags = cpu_model_and_flags()
     return {"cpu_model": model, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
