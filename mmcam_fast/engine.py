@@ -265,7 +265,7 @@ class Trainer:
                                      mask=config.stage2_mask)
         loss2 = config.lambda_crr * crr + config.lambda_frr * frr
         finite = self._step(loss2, average=(plain.fc.weight,))
-        if self._stage2 is not self._stage2_forward and self.device.type == "cuda":
+        if self._stage2 is not self._stage2_forward and self.device.type == "cuda" and config.cuda_graphs:
             # Outputs of a CUDA-graph replay live in the graph's memory and are overwritten by the
             # next replay; MetricLog keeps them for --log-every steps, so it gets copies (scalars).
             crr, frr = crr.detach().clone(), frr.detach().clone()

@@ -84,8 +84,8 @@ def pretrain(args: Any) -> dict[str, Any]:
                           require_localization=False)
     torch.manual_seed(args.seed)
     model = build_network(args.arch, data.num_classes).to(device).to(memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    rest = [p for n, p in model.named_parameters() if p.ndim <= 1]  # no weight decay on BN and biases
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    rest = [p for p in model.parameters() if p.ndim <= 1]  # no weight decay on BN and biases
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": rest, "weight_decay": 0.0}], lr=args.lr, momentum=0.9,
                                 nesterov=True)

@@ -201,8 +201,8 @@ class _Run:
         loaded = distributed.on_main(self._open_folder, resume)
 
         data = build_datasets(config.data, config.data_root, metadata_root=config.metadata_root,
-                              image_size=config.image_size, vertical_flip=bool(config.vertical_flip),
-                              flip_before_crop=bool(config.flip_before_crop),
+                              image_size=config.image_size, vertical_flip=config.vertical_flip,
+                              flip_before_crop=config.flip_before_crop,
                               bad_image_policy=config.bad_images)
         if world.is_main and len(data.val) + len(data.test) <= DECODE_CHECK_MAX_IMAGES:
             for split in (data.val, data.test):
@@ -223,7 +223,7 @@ class _Run:
             steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
 
         model = create_model(config.backbone, data.num_classes, feature_stride=config.feature_stride,
-                             conv6_init=config.conv6_init or "kaiming", pretrained=config.pretrained)
+                             conv6_init=config.conv6_init, pretrained=config.pretrained)
         if config.init and loaded is None:  # a resumed run has its own weights
             _init_weights(model, config.init)
         model = model.to(device)

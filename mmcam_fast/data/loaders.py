@@ -38,6 +38,7 @@ import hashlib
 import math
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader
 
 from mmcam_fast.config import DATA_NAMES
 from mmcam_fast.data.datasets import WSOLDataset
+from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, describe_unreadable, load_rgb
 from mmcam_fast.data.metadata import WSOLMetadata, load_metadata
 from mmcam_fast.data.prepare import CLASSES_FILE, ensure_prepared, read_class_names, read_manifest
 from mmcam_fast.data.sampler import LoaderPosition, SetBatchSampler
@@ -227,10 +229,6 @@ def check_decodable(dataset: WSOLDataset, *, threads: int = 4) -> None:
     Raises:
         DataError: the first unreadable image in the split's order, naming the file and the split.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, describe_unreadable, load_rgb
-
     def reason(index: int) -> str | None:
         path = dataset.image_path(index)
         try:
