@@ -183,7 +183,7 @@ def _import_from(folder: Path, name: str):
 # -- a: environment ------------------------------------------------------------------------------------
 
 def _cpu_info() -> dict[str, Any]:
-    from machine import cpu_model_and_flags  # benchmarks/machine.py, beside this script
+    from mmcam_fast.machine import cpu_model_and_flags
 
     model, flags = cpu_model_and_flags()
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

@@ -87,7 +87,7 @@ def feature_map(case: str) -> str:
 
 def cpu_description() -> dict:
     """The CPU's model name and whether it has native bf16 (AVX512-BF16, AMX), from /proc/cpuinfo."""
-    from machine import cpu_model_and_flags  # benchmarks/machine.py, beside this file
+    from mmcam_fast.machine import cpu_model_and_flags
 
     model, flags = cpu_model_and_flags()
     return {"cpu_model": model, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}

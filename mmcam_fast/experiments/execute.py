@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -37,8 +38,11 @@ def _start(run: Run, threads: int) -> subprocess.Popen:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print) -> dict[str, float]:
+def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print,
+            on_done: Callable[[Run, float], None] | None = None) -> dict[str, float]:
     """Run every run not done yet, ``jobs`` at a time; returns wall seconds per run folder.
+
+    ``on_done(run, wall_s)`` is called as each run finishes successfully (while the others go on).
 
     Raises:
         RuntimeError: a run failed (its ``train.log`` names the error); the others finish first.
@@ -73,6 +77,8 @@ def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print) -> dict[st
                 note(f"FAILED {run.folder} (exit {code}); see {run.folder / 'train.log'}")
             else:
                 note(f"done  {run.folder} in {walls[str(run.folder)]:.0f} s")
+                if on_done is not None:
+                    on_done(run, walls[str(run.folder)])
         active = still
     if failed:
         raise RuntimeError("failed runs: " + ", ".join(str(r.folder) for r in failed))

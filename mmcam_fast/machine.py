@@ -18,3 +18,13 @@ def cpu_model_and_flags() -> tuple[str, set[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def describe() -> str:
+    """One line naming the machine, for result files: CPU model, cores, and its bf16 support."""
+    import os
+
+    model, flags = cpu_model_and_flags()
+    bf16 = ("AMX-BF16" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+            else "AVX2 (no native bf16)" if "avx2" in flags else "no AVX2")
+    return f"{model}, {os.cpu_count()} cores, {bf16}"

@@ -1,0 +1,458 @@
+"""The Tiny-ImageNet WSOL study's report, built from the committed result rows alone.
+
+Written to the report folder (``experiments/tiny-imagenet-wsol/``): ``report.md`` (the gate's recipes,
+one main table per benchmark and backbone with the paired difference MinMaxCAM - CAM and its 95 %
+interval over seeds, the sweeps, the dispersion analysis, the centred-Gaussian baseline, wall times),
+``summary.csv``, ``sweeps.png``, ``curves.png`` and, where the run folders are at hand,
+``overlays.png`` (the same test images under CAM and MinMaxCAM).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# t quantiles (0.975) for the 95 % interval of a mean over n paired seeds (n - 1 degrees of freedom)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+METRICS = (
+    ("maxboxacc", "MaxBoxAcc"),
+    ("maxboxacc_v2", "MaxBoxAccV2"),
+    ("iou30", "IoU30"),
+    ("iou50", "IoU50"),
+    ("iou70", "IoU70"),
+    ("gt_known_loc", "GT-known"),
+    ("top1_loc", "Top-1 Loc"),
+    ("top1_cls", "Top-1 Cls"),
+)
+PAPER_GAIN = "+2.5 to +6.9"  # MinMaxCAM - CAM in MaxBoxAccV2 on the paper's benchmarks
+BENCHMARK_TITLES = {
+    "wsol20": "Tiny-ImageNet-WSOL-20 (small objects)",
+    "tiny5": "Tiny-ImageNet-5 (large objects)",
+}
+
+
+def load_rows(folder: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            rows.append(json.loads(path.read_text()))
+        except ValueError:
+            continue
+    return rows
+
+
+def test_values(row: dict[str, Any]) -> dict[str, float]:
+    test = row["test"]
+    values = {key: test[key] for key, _ in METRICS if key in test}
+    for iou in ("30", "50", "70"):
+        values[f"iou{iou}"] = test["per_iou"][iou]
+    return values
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> tuple[float, float, float, int]:
+    """Mean of b - a over the seeds both have, and its 95 % t interval: (mean, low, high, pairs)."""
+    seeds = sorted(set(a) & set(b))
+    diffs = np.array([b[s] - a[s] for s in seeds])
+    if len(diffs) == 0:
+        return math.nan, math.nan, math.nan, 0
+    mean = float(diffs.mean())
+    if len(diffs) < 2:
+        return mean, math.nan, math.nan, 1
+    half = _T975[len(diffs) - 1] * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half, len(diffs)
+
+
+def _cell(mean: float, std: float, digits: int = 1) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def centre_priors(shared: Path, report_dir: Path, names: set[str]) -> dict[str, dict[str, Any]]:
+    """The centred-Gaussian baseline on the val and test splits of the benchmarks ``names`` (cached in
+    the report dir, so the report can be rebuilt without the data)."""
+    cache = report_dir / "centre_prior.json"
+    priors = json.loads(cache.read_text()) if cache.is_file() else {}
+    from mmcam_fast.data.metadata import load_metadata
+    from mmcam_fast.errors import MMCamError
+    from mmcam_fast.experiments.report import centre_prior
+    from mmcam_fast.experiments.tiny_wsol import BENCHMARKS, DATA_CACHE
+
+    changed = False
+    for name, benchmark in BENCHMARKS.items():
+        if name in priors or name not in names:
+            continue
+        try:
+            root = benchmark.prepare(shared, DATA_CACHE)
+        except MMCamError:
+            continue  # no data here: the report keeps what it has
+        priors[name] = {
+            split: centre_prior(load_metadata(root / "metadata" / split)) for split in ("val", "test")
+        }
+        changed = True
+    if changed:
+        cache.write_text(json.dumps(priors, indent=1) + "\n")
+    return priors
+
+
+def main_tables(rows: list[dict[str, Any]], priors: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+    """One table per (benchmark, backbone): CAM, MinMaxCAM (mean ± std over seeds), the paired
+    difference with its 95 % interval, the centred Gaussian."""
+    lines, summary = [], []
+    head = ["method", *[t for _, t in METRICS], "seeds"]
+    for benchmark in ("wsol20", "tiny5"):
+        for backbone in ("resnet18", "mobilenet_v2"):
+            mine = [
+                r
+                for r in rows
+                if r["benchmark"] == benchmark and r["backbone"] == backbone and "main" in r["groups"]
+            ]
+            if not mine:
+                continue
+            lines += [
+                f"#### {BENCHMARK_TITLES[benchmark]}, {backbone}-CAM (test split)",
+                "",
+                "| " + " | ".join(head) + " |",
+                "| --- | " + " | ".join(["---:"] * (len(head) - 1)) + " |",
+            ]
+            per_variant: dict[str, dict[int, dict[str, float]]] = {}
+            for variant in ("cam", "minmaxcam"):
+                runs = {r["seed"]: test_values(r) for r in mine if r["variant"] == variant}
+                per_variant[variant] = runs
+                if not runs:
+                    continue
+                entry = {"benchmark": benchmark, "backbone": backbone, "variant": variant, "seeds": len(runs)}
+                cells = [variant if variant == "cam" else _minmax_label(mine)]
+                for key, _ in METRICS:
+                    mean, std = mean_std([v[key] for v in runs.values()])
+                    entry[key], entry[f"{key}_std"] = mean, std
+                    cells.append(_cell(mean, std))
+                cells.append(str(len(runs)))
+                summary.append(entry)
+                lines.append("| " + " | ".join(cells) + " |")
+            if per_variant.get("cam") and per_variant.get("minmaxcam"):
+                cells = ["MinMaxCAM - CAM (95 % CI)"]
+                pairs = 0
+                for key, _ in METRICS:
+                    mean, low, high, pairs = paired_difference(
+                        {s: v[key] for s, v in per_variant["cam"].items()},
+                        {s: v[key] for s, v in per_variant["minmaxcam"].items()},
+                    )
+                    cells.append(f"{mean:+.1f}" + ("" if math.isnan(low) else f" [{low:+.1f}, {high:+.1f}]"))
+                cells.append(f"{pairs} pairs")
+                lines.append("| " + " | ".join(cells) + " |")
+            prior = priors.get(benchmark, {}).get("test")
+            if prior:
+                cells = [
+                    "centred Gaussian (no model)",
+                    f"{prior['maxboxacc']:.1f}",
+                    f"{prior['maxboxacc_v2']:.1f}",
+                ]
+                cells += ["-"] * (len(head) - 3)
+                lines.append("| " + " | ".join(cells) + " |")
+            lines.append("")
+    return "\n".join(lines), summary
+
+
+def _minmax_label(rows: list[dict[str, Any]]) -> str:
+    row = next(r for r in rows if r["variant"] == "minmaxcam")
+    return f"minmaxcam (λ {row['lambda_crr']:g}/{row['lambda_frr']:g})"
+
+
+def sweep_table(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for backbone in ("resnet18", "mobilenet_v2"):
+        mine = [
+            r
+            for r in rows
+            if r["benchmark"] == "wsol20"
+            and r["backbone"] == backbone
+            and set(r["groups"]) & {"lambda_crr", "lambda_frr", "set_size", "masking"}
+        ]
+        if not mine:
+            continue
+        lines += [
+            f"#### Sweeps, {BENCHMARK_TITLES['wsol20']}, {backbone}-CAM (test split, seed 0)",
+            "",
+            "| variant | λ_crr | λ_frr | S | N | mask | MaxBoxAcc | MaxBoxAccV2 | Top-1 Cls |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+        ]
+        for row in sorted(
+            mine,
+            key=lambda r: (
+                r["groups"][0] if r["variant"] != "minmaxcam" else "",
+                r["lambda_crr"],
+                r["lambda_frr"],
+                r["set_size"],
+            ),
+        ):
+            if row["seed"] != 0:
+                continue
+            values = test_values(row)
+            lines.append(
+                f"| {row['variant']} | {row['lambda_crr']:g} | {row['lambda_frr']:g} | {row['set_size']} | "
+                f"{row['flags']['sets_per_batch']} | {row['stage2_mask']} | {values['maxboxacc']:.1f} | "
+                f"{values['maxboxacc_v2']:.1f} | {values['top1_cls']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def dispersion_table(rows: list[dict[str, Any]]) -> str:
+    mine = [r for r in rows if "dispersion" in r]
+    if not mine:
+        return ""
+    lines = [
+        "| benchmark | backbone | variant | d(f) | d(f_o) | d(f) / d(f_o) | seeds |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for benchmark in ("wsol20", "tiny5"):
+        for backbone in ("resnet18", "mobilenet_v2"):
+            for variant in ("cam", "minmaxcam"):
+                sel = [
+                    r
+                    for r in mine
+                    if (r["benchmark"], r["backbone"], r["variant"]) == (benchmark, backbone, variant)
+                ]
+                if not sel:
+                    continue
+                f = mean_std([r["dispersion"]["f"]["mean"] for r in sel])
+                fo = mean_std([r["dispersion"]["f_o"]["mean"] for r in sel])
+                ratio = mean_std([r["dispersion"]["f"]["mean"] / r["dispersion"]["f_o"]["mean"] for r in sel])
+                lines.append(
+                    f"| {benchmark} | {backbone} | {variant} | {_cell(*f, 3)} | {_cell(*fo, 3)} | "
+                    f"{_cell(*ratio, 3)} | {len(sel)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def gate_table(rows: list[dict[str, Any]], priors: dict[str, Any]) -> str:
+    if not rows:
+        return "No gate run yet.\n"
+    prior = priors.get("wsol20", {}).get("val")
+    lines = [
+        "| backbone | recipe | lr (fc x10) | epochs | decay at | steps | best val MaxBoxAccV2 | "
+        "its MaxBoxAcc | "
+        "its Top-1 Cls | at epoch | last-epoch val V2 / Cls | wall (s) |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in sorted(rows, key=lambda r: (r["backbone"], r["recipe"]["name"])):
+        best, last = row["val_best"], row["val_history"][-1]
+        steps = row["train_curve"][-1]["step"] if row["train_curve"] else 0
+        recipe = row["recipe"]
+        lines.append(
+            f"| {row['backbone']} | {recipe['name']} | {recipe['lr']:g} | {recipe['epochs']} | "
+            f"{','.join(map(str, recipe['lr_milestones']))} | ~{steps} | {best['maxboxacc_v2']:.1f} | "
+            f"{best['maxboxacc']:.1f} | {best['top1_cls']:.1f} | {best['epoch']} | "
+            f"{last['maxboxacc_v2']:.1f} / {last['top1_cls']:.1f} | {row['wall_s']} |"
+        )
+    if prior:
+        lines.append(
+            f"| - | centred Gaussian (no model) | | | | | {prior['maxboxacc_v2']:.1f} | "
+            f"{prior['maxboxacc']:.1f} | | | | |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweeps(rows: list[dict[str, Any]], priors: dict[str, Any], path: Path) -> bool:
+    """MaxBoxAccV2 against lambda_crr, lambda_frr and S per backbone, beside the paper's Fig. 6 trends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = [
+        b
+        for b in ("resnet18", "mobilenet_v2")
+        if any(
+            r["backbone"] == b and r["benchmark"] == "wsol20" and "lambda_crr" in r["groups"] for r in rows
+        )
+    ]
+    if not backbones:
+        return False
+    prior = priors.get("wsol20", {}).get("test")
+    fig, axes = plt.subplots(len(backbones), 3, figsize=(15, 3.8 * len(backbones)), squeeze=False)
+    for line, backbone in zip(axes, backbones, strict=True):
+        mine = [
+            r for r in rows if r["backbone"] == backbone and r["benchmark"] == "wsol20" and r["seed"] == 0
+        ]
+        cam = next((r for r in mine if r["variant"] == "cam"), None)
+        for ax, (group, key, label) in zip(
+            line,
+            (
+                ("lambda_crr", "lambda_crr", "λ_crr"),
+                ("lambda_frr", "lambda_frr", "λ_frr"),
+                ("set_size", "set_size", "S (N = 60 / S)"),
+            ),
+            strict=True,
+        ):
+            points = sorted((r for r in mine if group in r["groups"]), key=lambda r: r[key])
+            if not points:
+                continue
+            xs = range(len(points))
+            for metric, color in (("maxboxacc", "tab:orange"), ("maxboxacc_v2", "tab:purple")):
+                ax.plot(xs, [r["test"][metric] for r in points], marker="o", color=color, label=metric)
+                if cam is not None:
+                    ax.axhline(cam["test"][metric], color=color, linestyle=":", label=f"{metric}, plain CAM")
+                if prior:
+                    ax.axhline(
+                        prior[metric],
+                        color=color,
+                        linestyle="--",
+                        alpha=0.4,
+                        label=f"{metric}, centred Gaussian",
+                    )
+            ax.set_xticks(list(xs), [f"{r[key]:g}" for r in points])
+            fixed = {
+                "lambda_crr": f"λ_frr = {points[0]['lambda_frr']:g}",
+                "lambda_frr": f"λ_crr = {points[0]['lambda_crr']:g}",
+                "set_size": "batch 60",
+            }[group]
+            ax.set(xlabel=label, ylabel="% (test, seed 0)", title=f"{backbone}: {label} ({fixed})")
+            ax.legend(fontsize=7)
+    fig.suptitle(
+        "WSOL-20 sweeps. Paper (Fig. 6, Table 4): VGG16 best at λ_frr = 10 with small λ_crr, "
+        "MobileNetV2 prefers larger λ_crr; S = 5 best of 2..5",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path) -> bool:
+    """Train CE (mean over seeds) and val MaxBoxAccV2 per epoch, CAM and MinMaxCAM, per benchmark/backbone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = sorted({(r["benchmark"], r["backbone"]) for r in rows if "main" in r["groups"]})
+    if not pairs:
+        return False
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(11, 3.3 * len(pairs)), squeeze=False)
+    for (benchmark, backbone), (left, right) in zip(pairs, axes, strict=True):
+        for variant, color in (("cam", "tab:blue"), ("minmaxcam", "tab:red")):
+            sel = [
+                r
+                for r in rows
+                if (r["benchmark"], r["backbone"], r["variant"]) == (benchmark, backbone, variant)
+                and "main" in r["groups"]
+            ]
+            if not sel:
+                continue
+            steps = sorted(set.intersection(*({p["step"] for p in r["train_curve"]} for r in sel)))
+            ce = np.array([[{p["step"]: p["ce"] for p in r["train_curve"]}[s] for s in steps] for r in sel])
+            left.plot(steps, ce.mean(axis=0), color=color, label=variant)
+            epochs = sorted(set.intersection(*({h["epoch"] for h in r["val_history"]} for r in sel)))
+            v2 = np.array(
+                [[{h["epoch"]: h["maxboxacc_v2"] for h in r["val_history"]}[e] for e in epochs] for r in sel]
+            )
+            right.errorbar(
+                epochs,
+                v2.mean(axis=0),
+                yerr=v2.std(axis=0),
+                color=color,
+                marker="o",
+                capsize=3,
+                label=f"{variant} ({len(sel)} seeds)",
+            )
+        left.set(title=f"{benchmark}, {backbone}: train CE", xlabel="step")
+        right.set(title=f"{benchmark}, {backbone}: val MaxBoxAccV2", xlabel="epoch", ylabel="%")
+        left.legend(fontsize=8)
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_overlays(out: Path, rows: list[dict[str, Any]], shared: Path, path: Path, count: int = 8) -> bool:
+    """The same test images under CAM and MinMaxCAM (seed 0, WSOL-20, ResNet18), when both run folders
+    are here (they are not committed; the figure is)."""
+    from mmcam_fast.experiments.plan import Run
+    from mmcam_fast.experiments.report import plot_overlays as draw
+    from mmcam_fast.experiments.tiny_wsol import BENCHMARKS, DATA_CACHE
+
+    found = {}
+    for row in rows:
+        if (row["benchmark"], row["backbone"], row["seed"]) == ("wsol20", "resnet18", 0) and row[
+            "variant"
+        ] in ("cam", "minmaxcam"):
+            folder = out / "wsol20" / "resnet18" / f"{row['key']}-{row['config_hash']}"
+            if (folder / "checkpoints" / "best.pt").is_file():
+                found[row["variant"]] = Run(row["variant"], 0, folder, {})
+    if len(found) < 2:
+        return False
+    from mmcam_fast.data.loaders import build_datasets
+
+    root = BENCHMARKS["wsol20"].prepare(shared, DATA_CACHE)
+    test = build_datasets("tiny-imagenet", root, image_size=64).test
+    draw(found["cam"], found["minmaxcam"], test, path, count)
+    return True
+
+
+def write_report(report_dir: Path, shared: Path, out: Path) -> Path:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    rows = load_rows(report_dir / "rows")
+    gate = load_rows(report_dir / "gate" / "rows")
+    priors = centre_priors(shared, report_dir, {r["benchmark"] for r in rows + gate})
+    tables, summary = main_tables(rows, priors)
+    figures = {
+        "sweeps.png": plot_sweeps(rows, priors, report_dir / "sweeps.png"),
+        "curves.png": plot_curves(rows, report_dir / "curves.png"),
+        "overlays.png": plot_overlays(out, rows, shared, report_dir / "overlays.png"),
+    }
+    if summary:
+        with (report_dir / "summary.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(summary[0]))
+            writer.writeheader()
+            writer.writerows(summary)
+    walls = [r["wall_s"] for r in rows if r.get("wall_s")]
+    machines = sorted({r["machine"] for r in rows + gate})
+    parts = [
+        "# Tiny-ImageNet WSOL study: generated tables",
+        "",
+        "Generated by `python -m mmcam_fast.experiments.tiny_wsol report` from `rows/` and `gate/rows/`"
+        " (one JSON per finished run). Machines: " + ("; ".join(machines) or "-") + ".",
+        "",
+        "## Gate: fine-tuning recipes, plain CAM, WSOL-20 val split (200 images)",
+        "",
+        gate_table(gate, priors),
+        "## Main comparison",
+        "",
+        tables or "No main run yet.\n",
+        f"The paper's gain of MinMaxCAM over CAM in MaxBoxAccV2: {PAPER_GAIN} points.",
+        "",
+        "## Sweeps (Fig. 6, Table 4, Table 3)",
+        "",
+        sweep_table(rows) or "No sweep run yet.\n",
+        "## Dispersion (Sec. 4.3): mean distance of f (masked) and f_o (unmasked) to their class "
+        "centre, test",
+        "",
+        dispersion_table(rows) or "No dispersion yet.\n",
+        "## Wall time",
+        "",
+        f"{len(rows)} study runs, {sum(walls) / 3600:.2f} h of run wall time in all (each run on one core, "
+        f"two at a time); gate: {len(gate)} runs, "
+        f"{sum(r['wall_s'] or 0 for r in gate) / 3600:.2f} h.",
+        "",
+    ]
+    for name, made in figures.items():
+        if made or (report_dir / name).is_file():
+            parts.append(f"![{name}]({name})")
+    path = report_dir / "report.md"
+    path.write_text("\n".join(parts) + "\n")
+    return path

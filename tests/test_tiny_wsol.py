@@ -1,0 +1,140 @@
+"""The Tiny-ImageNet WSOL study (pretrained backbones): its plan, its resumable result rows, its report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import models as tvm
+
+from mmcam_fast.experiments import tiny_wsol
+from mmcam_fast.experiments.tiny_wsol import BATCH, GROUPS, RECIPE, build_plan, gate_runs, variants_for
+from mmcam_fast.experiments.tiny_wsol_report import paired_difference
+from mmcam_fast.pretrain import export_state_dict
+
+
+def _weights(folder: Path, backbone: str = "resnet18") -> Path:
+    net = tvm.resnet18(num_classes=172) if backbone == "resnet18" else tvm.mobilenet_v2(num_classes=172)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{backbone}-172.pth"
+    export_state_dict(net.state_dict(), path)
+    return path
+
+
+def test_variants_change_one_thing_from_each_backbones_paper_setting():
+    for backbone, paper in (("resnet18", (1.0, 1.0)), ("mobilenet_v2", (10.0, 1.0))):
+        variants = {v.name: v for v in variants_for(backbone)}
+        assert (variants["cam"].lambda_crr, variants["cam"].lambda_frr) == (0.0, 0.0)
+        minmax = variants["minmaxcam"]
+        assert (minmax.lambda_crr, minmax.lambda_frr) == paper and set(minmax.groups) == set(GROUPS)
+        crr = sorted(v.lambda_crr for v in variants.values() if "lambda_crr" in v.groups)
+        frr = sorted(v.lambda_frr for v in variants.values() if "lambda_frr" in v.groups)
+        assert crr == frr == [0.0, 0.1, 1.0, 10.0]  # the paper's point once, as minmaxcam
+        assert {v.lambda_frr for v in variants.values() if "lambda_crr" in v.groups} == {paper[1]}
+        assert {v.lambda_crr for v in variants.values() if "lambda_frr" in v.groups} == {paper[0]}
+        sizes = {v.set_size: v.flags()["sets_per_batch"] for v in variants.values() if "set_size" in v.groups}
+        assert sizes == {2: 30, 3: 20, 4: 15, 5: 12} and all(s * n == BATCH for s, n in sizes.items())
+        assert variants["feature_mask"].stage2_mask == "feature"
+
+
+def test_the_plan_pairs_cam_and_minmaxcam_over_three_seeds_and_sweeps_once(tmp_path):
+    _weights(tmp_path, "resnet18")
+    _weights(tmp_path, "mobilenet_v2")
+    runs = build_plan(["wsol20", "tiny5"], ["resnet18", "mobilenet_v2"], list(GROUPS), pretrained_dir=tmp_path)
+    keys = [r.key for r in runs]
+    assert len(keys) == len(set(keys)) == 24 + 20  # main: 2 x 2 x 2 x 3; sweeps: 10 per backbone
+    main = [r for r in runs if "main" in r.groups]
+    assert len(main) == 24 and {r.seed for r in main} == {0, 1, 2}
+    assert all(r.benchmark == "wsol20" for r in runs if set(r.groups) - {"main"})
+    for run in main:  # paired: the same weights and seed, the method the only difference
+        cam, minmax = (next(r for r in main if (r.benchmark, r.backbone, r.seed, r.variant.name) ==
+                            (run.benchmark, run.backbone, run.seed, v)) for v in ("cam", "minmaxcam"))
+        a, b = cam.flags(), minmax.flags()
+        assert {k for k in a if a[k] != b[k]} == {"lambda_crr", "lambda_frr"}
+        assert a["pretrained"] == str(tmp_path / f"{run.backbone}-172.pth")
+    flags = runs[0].flags(Path("/data"))
+    assert flags["lr"] == RECIPE.lr and flags["classifier_lr_mult"] == 10.0 and flags["feature_stride"] == 8
+    assert flags["sets_per_batch"] * flags["set_size"] == BATCH and flags["recipe"] == "paper"
+    assert {r.flags()["sets_per_batch"] for r in runs if r.benchmark == "tiny5"} == {5}  # its 5 classes
+
+
+def test_the_config_hash_follows_the_weights_and_recipe_not_the_machine(tmp_path):
+    _weights(tmp_path)
+    run = build_plan(["wsol20"], ["resnet18"], ["main"], pretrained_dir=tmp_path)[0]
+    assert run.flags(Path("/a")) != run.flags(Path("/b"))
+    before = run.config_hash()
+    other = build_plan(["wsol20"], ["resnet18"], ["main"], RECIPE.__class__("x", lr=0.5, epochs=2,
+                                                                           lr_milestones=(1,)),
+                       pretrained_dir=tmp_path)[0]
+    assert other.config_hash() != before
+    _weights(tmp_path)  # new random weights: another sha256
+    assert run.config_hash() != before
+    gate = gate_runs(list(tiny_wsol.GATE), "resnet18", tmp_path)
+    assert len({r.key for r in gate}) == len(tiny_wsol.GATE)
+    assert all(r.variant.lambda_crr == r.variant.lambda_frr == 0.0 for r in gate)
+    with pytest.raises(tiny_wsol.ConfigError, match="unknown nope"):
+        gate_runs(["nope"], "resnet18")
+
+
+def test_paired_difference_and_its_interval():
+    mean, low, high, pairs = paired_difference({0: 10.0, 1: 20.0, 2: 30.0}, {0: 11.0, 1: 22.0, 2: 33.0})
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) * std of (1, 2, 3) / sqrt(3)
+    assert (mean, pairs) == (2.0, 3) and low == pytest.approx(2 - half) and high == pytest.approx(2 + half)
+    assert paired_difference({0: 1.0, 5: 2.0}, {0: 3.0})[:1] == (2.0,)
+    assert math.isnan(paired_difference({0: 1.0}, {0: 3.0})[1])
+
+
+def test_a_cut_down_study_writes_rows_skips_them_and_reports(shared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the prepared data go to runs/data here
+    weights = tmp_path / "weights"
+    _weights(weights)
+    args = ["study", "--shared", str(shared_data), "--benchmarks", "tiny5", "--backbones", "resnet18",
+            "--only", "main", "--seeds", "0", "--epochs", "2", "--max-steps-per-epoch", "2",
+            "--pretrained-dir", str(weights), "--out", "runs/study", "--report-dir", "report", "--jobs", "2"]
+    tiny_wsol.main(args)
+    rows = sorted((tmp_path / "report" / "rows").glob("*.json"))
+    assert [p.name for p in rows] == ["tiny5-resnet18-cam-seed0.json", "tiny5-resnet18-minmaxcam-seed0.json"]
+    row = json.loads(rows[1].read_text())
+    assert row["flags"]["max_steps_per_epoch"] == 2 and row["recipe"]["name"].endswith("-cut")
+    assert set(row["test"]) >= {"maxboxacc", "maxboxacc_v2", "per_iou", "top1_loc", "top1_cls"}
+    assert row["dispersion"]["f"]["mean"] >= 0 and row["wall_s"] > 0 and row["seed"] == 0
+    assert [h["epoch"] for h in row["val_history"]] == [1, 2] and row["train_curve"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "MinMaxCAM - CAM" in report and "centred Gaussian" in report
+    assert json.loads((tmp_path / "report" / "centre_prior.json").read_text())["tiny5"]["test"]["images"] == 250
+
+    # a second invocation finds both rows and trains nothing; a stale row (other config) is rerun
+    capsys.readouterr()
+    monkeypatch.setattr(tiny_wsol, "run_all", lambda runs, *a, **k: started.extend(r.name for r in runs))
+    started: list[str] = []
+    tiny_wsol.main(args)
+    assert started == [] and "2 of 2 run(s) already have their rows" in capsys.readouterr().err
+    stale = json.loads(rows[0].read_text())
+    rows[0].write_text(json.dumps({**stale, "config_hash": "0" * 12}))
+    tiny_wsol.main(args)
+    assert started == ["tiny5-resnet18-cam-seed0"]
+
+
+def test_the_committed_weights_load_into_both_cam_backbones_at_the_wsol_stride():
+    from mmcam_fast.models import create_model
+
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "pretrained"
+    for backbone, channels in (("resnet18", 512), ("mobilenet_v2", 1280)):
+        path = folder / f"{backbone}-172.pth"
+        if not path.is_file():
+            pytest.fail(f"{path}: the committed pretrained weights are missing (make pretrain)")
+        digest = (folder / f"{path.name}.sha256").read_text().split()[0]
+        import hashlib
+
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+        model = create_model(backbone, 20, feature_stride=8, pretrained=path)  # strict: no key missing
+        state = torch.load(path, weights_only=True)
+        first = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
+        torch.testing.assert_close(model.backbone.state_dict()[first], state[first].float())
+        model.eval()
+        with torch.no_grad():
+            features = model.backbone(torch.zeros(1, 3, 64, 64))
+        assert features.shape == (1, channels, 8, 8)  # stride 8 at 64 px, torchvision's is 32
