@@ -14,7 +14,7 @@ setup: $(PY)
 	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev]'
 
 # --overwrite: the demo's run folder is the demo's own; any other run folder is never overwritten
-# without being asked (see README, Run folders)
+# without being asked (see docs/usage.md, Run folders never lose work)
 demo: setup
 	$(PY) -m mmcam_fast.train --data synthetic --backbone resnet18 --out runs/demo --overwrite
 
@@ -27,8 +27,28 @@ test: setup
 bench: setup
 	$(PY) -m pytest benchmarks -q --benchmark-only
 
+# The Tiny-ImageNet WSOL study (docs/results.md): CAM against MinMaxCAM fine-tuned from the committed
+# pretrained weights (experiments/pretrained/) on WSOL-20 and Tiny-ImageNet-5. Resumable: a run whose
+# result row (experiments/tiny-imagenet-wsol/rows/) exists is skipped. About 4 h of a 2-core machine.
 experiments: setup
+	$(PY) -m mmcam_fast.experiments.tiny_wsol study --shared $(SHARED_DATA)
+
+# The earlier study: ResNet18-CAM from scratch on Tiny-ImageNet-5 (experiments/tiny-imagenet-5/)
+experiments-scratch: setup
 	$(PY) -m mmcam_fast.experiments --src $(SHARED_DATA)/tiny-imagenet-5
+
+# The pretrained weights the study fine-tunes from (committed; about 90 min of a 2-core machine per
+# backbone; resumable with the same command): 172 Tiny ImageNet classes, labels only, at 64 px.
+TINY192 := $(SHARED_DATA)/tiny-imagenet-192
+PRETRAIN = $(PY) -m mmcam_fast.pretrain --data-root runs/data/pretrain172 --resume auto
+.PHONY: pretrain experiments-scratch
+pretrain: setup
+	$(PY) -m mmcam_fast.data.prepare tiny-imagenet --src $(TINY192)/tiny-imagenet-192.tar.gz \
+		--classes $(TINY192)/pretrain172.txt --labels-only --out runs/data/pretrain172
+	$(PRETRAIN) --arch resnet18 --epochs 8 --out runs/pretrain/resnet18 \
+		--export experiments/pretrained/resnet18-172.pth
+	$(PRETRAIN) --arch mobilenet_v2 --epochs 6 --out runs/pretrain/mobilenet_v2 \
+		--export experiments/pretrained/mobilenet_v2-172.pth
 
 # `make gpu-check`: the GPU paths proven on this machine's GPU in under 8 minutes, stage by stage
 # (benchmarks/gpu_check.py, docs/gpu-check.md). Arguments go through ARGS: `make gpu-check ARGS=--dry-run`

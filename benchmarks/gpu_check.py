@@ -599,7 +599,7 @@ def stage_c(report: Report, dry_run: bool, shapes: Shapes, budget: float) -> Non
     ce_dev, reg_dev = float(dev[:, 0].max()), float(dev[:, 1:].max())
     crr_dev, frr_dev = float(dev[:, 1].max()), float(dev[:, 2].max())
     finite = bool(torch.isfinite(half_losses).all())
-    # the band: the README's (The fast engine: CE 5 %, CRR/FRR 25 %); per column in the detail too
+    # the band: docs/gpu-check.md's (stage c: CE 5 %, CRR/FRR 25 %); per column in the detail too
     report.check(f"{half} {engine.split(' (')[0]} within the documented band",
                  finite and ce_dev < 0.05 and reg_dev < 0.25,
                  f"largest relative deviation from the fp32 reference over {steps} steps: CE {ce_dev:.3f} "

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmcam_fast import ops
 from mmcam_fast.data.datasets import WSOLDataset
-from mmcam_fast.minmaxcam import masked_images_reference
 from mmcam_fast.models.cam_model import CAMModel
 
 
@@ -47,7 +47,7 @@ def feature_dispersion(model: CAMModel, dataset: WSOLDataset, *, device: torch.d
     for images, labels, _ in batches:
         images, labels = images.to(device), labels.to(device)
         features = model.backbone(images)
-        masked = masked_images_reference(features, model.fc.weight, labels, images)
+        masked = ops.cam_mask(features, model.fc.weight, labels, images, impl="reference")
         fo_list.append(features.mean(dim=(2, 3)).float().cpu())
         f_list.append(model.backbone(masked).mean(dim=(2, 3)).float().cpu())
         label_list.append(labels.cpu())

@@ -36,7 +36,7 @@ class TrainConfig:
     # geometry by default (8; the vgg16 preset: 16, the only stride VGG16-CAM has)
     feature_stride: int = 8
     pretrained: str | None = None
-    # "paper" (the paper's text) or "authors" (the released training code point by point); see README
+    # "paper" (the paper's text) or "authors" (the released training code point by point); see docs/usage.md
     recipe: str = "paper"
     image_size: int = 224  # crop size C; train resize R = round(C * 8 / 7) (256 at 224)
     vertical_flip: bool = False  # the authors' extra train-time vertical flip (recipe: authors)
@@ -162,7 +162,7 @@ _DATA_PRESETS: dict[str, dict[str, Any]] = {
     "openimages": {"epochs": 10, "lr_milestones": [3, 6, 9], "image_size": 224},
     "voc": {"epochs": 30, "lr_milestones": [20], "image_size": 224},
     # Small data at 64 px, trained from scratch on CPU: few classes, so fewer sets per batch. The
-    # lambdas stay at the paper's 1 and 1 with S = 5: in the Tiny-ImageNet-5 study (README,
+    # lambdas stay at the paper's 1 and 1 with S = 5: in the Tiny-ImageNet-5 study (docs/results.md,
     # Experiments) that setting tied plain CAM for the best val MaxBoxAccV2 of all variants.
     "tiny-imagenet": {"epochs": 10, "lr_milestones": [7], "image_size": 64, "sets_per_batch": 5,
                       "lr": 0.01, "classifier_lr_mult": 1.0},

@@ -1,8 +1,10 @@
 """The MinMaxCAM method: Stage I classification loss and Stage II CRR / FRR losses.
 
-This module is the specification in code (``docs/method.md``). The reference path below
-is literal, fp32-friendly PyTorch; every fast path (``impl="triton"`` / ``"auto"``, which go through
-:mod:`mmcam_fast.ops`) is tested against it for values and for the fc.weight gradient.
+This module is the specification in code (``docs/method.md``): the steps of both stages, with the
+two fused steps of Stage II (CAM masking, the set regularizers) through :mod:`mmcam_fast.ops`, whose
+``impl="reference"`` is each op's one plain-PyTorch reference (``mmcam_kernels.*_ref``, literal).
+Every fast path (the kernels, the compiled engine) is tested against it for values and for the
+fc.weight gradient.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from mmcam_kernels import CAM_EPS
+from mmcam_kernels import CAM_EPS, at_least_fp32_dtype, check_set_size
 from torch import nn
 
 from mmcam_fast import ops
@@ -21,7 +23,6 @@ from mmcam_fast import ops
 # masked image, instead of NaN; 1e-6 is far below the spread of any non-degenerate CAM, so it does not
 # move the normalisation measurably, and it is representable in the fp32 accumulations of half inputs.
 
-STAGE2_IMPLS = ("reference", "auto", "triton")
 # Where Stage II applies the CAM: the input image (the method) or the feature map F (the paper's
 # Table 3 ablation: f = g(F * H) at the feature map's resolution, no second backbone pass).
 STAGE2_MASKS = ("image", "feature")
@@ -55,43 +56,17 @@ def frozen_call(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def normalized_cams_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
                               ) -> torch.Tensor:
-    """Stage II steps 3-4: CAM of the label, min-max over h*w: ``[B, h, w]`` in at least fp32."""
+    """Stage II steps 3-4 for the feature-masking ablation: CAM of the label, min-max over h*w,
+    ``[B, h, w]`` in at least fp32 (the image-masking method's steps 3-6 are the fused op
+    :func:`mmcam_fast.ops.cam_mask`, whose reference is ``mmcam_kernels.cam_mask_ref``)."""
     cams = _at_least_fp32(torch.einsum("bk,bkhw->bhw", weight[labels], features))  # H_raw [B, h, w]
     low = cams.amin(dim=(1, 2), keepdim=True)
     high = cams.amax(dim=(1, 2), keepdim=True)
     return (cams - low) / (high - low + CAM_EPS)
 
 
-def masked_images_reference(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            images: torch.Tensor) -> torch.Tensor:
-    """Stage II steps 3-6: CAM of the label, min-max over h*w, bilinear upsample, multiply the image."""
-    normalized = normalized_cams_reference(features, weight, labels)
-    upsampled = F.interpolate(normalized[:, None], size=images.shape[-2:], mode="bilinear",
-                              align_corners=False)  # [B, 1, H, W]
-    return images * upsampled
-
-
-def set_regularizers_reference(f: torch.Tensor, f_o: torch.Tensor, set_size: int
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 8: CRR (mean over sets of the mean over pairs i<j of mse) and FRR (mean of mse(f, f_o))."""
-    check_set_layout(f.shape[0], set_size)
-    sets = f.view(-1, set_size, f.shape[1])  # [N, S, K], set-major batch
-    pair_i, pair_j = torch.triu_indices(set_size, set_size, offset=1, device=f.device)
-    pair_mse = ((sets[:, pair_i] - sets[:, pair_j]) ** 2).mean(dim=2)  # [N, S(S-1)/2]
-    crr = pair_mse.mean(dim=1).mean()
-    frr = ((f - f_o) ** 2).mean(dim=1).mean()
-    return crr, frr
-
-
-def check_set_layout(batch: int, set_size: int) -> None:
-    if set_size < 2:
-        raise ValueError(f"set_size must be at least 2 for CRR (pairs within a set), got {set_size}")
-    if batch % set_size:
-        raise ValueError(f"batch of {batch} images is not a whole number of sets of set_size={set_size}")
-
-
 def stage2_losses(backbone: nn.Module, fc: nn.Linear, images: torch.Tensor, labels: torch.Tensor,
-                  set_size: int, *, impl: str = "reference", mask: str = "image"
+                  set_size: int, *, impl: str | None = "reference", mask: str = "image"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage II losses of a set-structured batch, differentiable w.r.t. ``fc.weight`` only.
 
@@ -101,19 +76,17 @@ def stage2_losses(backbone: nn.Module, fc: nn.Linear, images: torch.Tensor, labe
         images: [N*S, 3, H, W] normalized images, set-major (images n*S..n*S+S-1 share a class).
         labels: [N*S] ground-truth classes.
         set_size: S.
-        impl: ``"reference"`` (this module, literal), ``"triton"`` (the fused kernels of
-            :mod:`mmcam_fast.ops`), or ``"auto"`` (:mod:`mmcam_fast.ops` picks by device and the
-            ``MMCAM_KERNELS`` environment variable).
+        impl: the kernels' vocabulary of :mod:`mmcam_fast.ops`: ``"reference"`` (each fused op's
+            plain-PyTorch reference, literal), ``"triton"`` (the fused kernels), or None (the ops'
+            rule: by device and the ``MMCAM_KERNELS`` environment variable).
         mask: ``"image"`` (the method) or ``"feature"`` (the Table 3 ablation: ``f = g(F * H)``).
 
     Returns:
         (crr, frr): scalar tensors.
     """
-    if impl not in STAGE2_IMPLS:
-        raise ValueError(f"impl={impl!r}: choose one of {', '.join(STAGE2_IMPLS)}")
+    ops.check_impl(impl)  # an unknown impl fails before any work
     with eval_mode(backbone):
-        return stage2_core(backbone, fc.weight, images, labels, set_size,
-                           kernels=None if impl == "auto" else impl, mask=mask)
+        return stage2_core(backbone, fc.weight, images, labels, set_size, kernels=impl, mask=mask)
 
 
 def stage2_core(backbone: nn.Module, weight: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
@@ -121,15 +94,15 @@ def stage2_core(backbone: nn.Module, weight: torch.Tensor, images: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stage II steps 2-8 with the backbone already in eval mode: no module state changes here.
 
-    This is the part the fast engine compiles (whole, ``fullgraph=True``), under autocast.
-    ``kernels="reference"`` is this module's literal code; ``"triton"`` or None go through
-    :mod:`mmcam_fast.ops` (None: its dispatch rule). CAMs, their normalisation and the losses are
-    computed in at least fp32 whatever the autocast dtype of the backbone.
+    This is the part the fast engine compiles (whole, ``fullgraph=True``), under autocast. The two
+    fused steps (3-6: :func:`mmcam_fast.ops.cam_mask`; 8: :func:`mmcam_fast.ops.set_regularizers`)
+    go through :mod:`mmcam_fast.ops` with ``kernels`` as their ``impl``. CAMs, their normalisation
+    and the losses are computed in at least fp32 whatever the autocast dtype of the backbone.
 
     ``mask="feature"`` (an ablation, plain PyTorch whatever ``kernels`` says) multiplies the feature
     map by the normalized CAM instead of the image: ``f = g(F * H)``, gradients into ``W`` through H.
     """
-    check_set_layout(images.shape[0], set_size)
+    check_set_size(images.shape[0], set_size)
     if mask not in STAGE2_MASKS:
         raise ValueError(f"mask={mask!r}: choose one of {', '.join(STAGE2_MASKS)}")
     with torch.no_grad():
@@ -139,16 +112,10 @@ def stage2_core(backbone: nn.Module, weight: torch.Tensor, images: torch.Tensor,
         normalized = normalized_cams_reference(features, weight, labels)
         f = (_at_least_fp32(features) * normalized[:, None]).mean(dim=(2, 3))
     else:
-        if kernels == "reference":
-            masked = masked_images_reference(features, weight, labels, images)
-        else:
-            masked = ops.cam_mask(features, weight, labels, images, impl=kernels)
+        masked = ops.cam_mask(features, weight, labels, images, impl=kernels)
         f = frozen_call(backbone, masked).mean(dim=(2, 3))  # [B, K]
-    f, f_o = _at_least_fp32(f), _at_least_fp32(f_o)
-    if kernels == "reference":
-        return set_regularizers_reference(f, f_o, set_size)
-    return ops.set_regularizers(f, f_o, set_size, impl=kernels)
+    return ops.set_regularizers(_at_least_fp32(f), _at_least_fp32(f_o), set_size, impl=kernels)
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(at_least_fp32_dtype(x))

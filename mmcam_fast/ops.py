@@ -20,6 +20,13 @@ IMPLS = ("reference", "triton")
 ENV_VAR = "MMCAM_KERNELS"
 
 
+def check_impl(impl: str | None, source: str = "impl") -> None:
+    """Raise ValueError unless ``impl`` is None or one of :data:`IMPLS`."""
+    if impl is not None and impl not in IMPLS:
+        choices = ", ".join(repr(choice) for choice in IMPLS)
+        raise ValueError(f"{source}={impl!r} is not a kernel implementation; choose one of {choices}")
+
+
 def resolve_impl(impl: str | None, device: torch.device | str) -> str:
     """Decide which implementation runs for tensors on ``device``.
 
@@ -43,9 +50,7 @@ def resolve_impl(impl: str | None, device: torch.device | str) -> str:
             impl, source = env, f"environment variable {ENV_VAR}"
         else:
             impl = "triton" if device.type == "cuda" else "reference"
-    if impl not in IMPLS:
-        choices = ", ".join(repr(choice) for choice in IMPLS)
-        raise ValueError(f"{source}={impl!r} is not a kernel implementation; choose one of {choices}")
+    check_impl(impl, source)
     if impl == "triton" and device.type != "cuda" and not mmcam_kernels.INTERPRETED:
         raise ValueError(
             f"{source}='triton' on {device.type} tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "

@@ -6,13 +6,13 @@ classification; the WSOL stride change happens at fine-tuning time, as in the pa
 plain cross-entropy on the train split of a prepared data set (``prepare tiny-imagenet --classes
 pretrain172.txt``) and scored on its held-out val split every epoch. SGD (momentum 0.9, Nesterov,
 weight decay 5e-4), a cosine learning-rate schedule per step, bf16 autocast where the CPU or GPU has
-it. A checkpoint is written atomically after every epoch (and every ``--checkpoint-every`` steps),
-and ``--resume auto`` continues from it, so a pretraining longer than a session goes on in the next.
+it. A checkpoint is written atomically after every epoch, and ``--resume auto`` continues from it (a
+stopped epoch is redone), so a pretraining longer than a session goes on in the next.
 
 ``--export PATH`` writes the final weights as a torchvision-format state dict (fp16 by default, as
 committed to the repository) beside ``PATH.sha256``: the file ``--pretrained`` reads::
 
-    python -m mmcam_fast.pretrain --data-root runs/data/pretrain172 --arch resnet18 --epochs 12 \\
+    python -m mmcam_fast.pretrain --data-root runs/data/pretrain172 --arch resnet18 --epochs 8 \\
         --out runs/pretrain/resnet18 --resume auto --export experiments/pretrained/resnet18-172.pth
 """
 

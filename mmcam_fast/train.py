@@ -89,7 +89,7 @@ _HELP = {
 
 # What a default of None means, where "none" would not say it.
 _NONE_MEANS = {
-    "metadata_root": "per data set, see README",
+    "metadata_root": "per data set, see docs/data.md",
     "pretrained": "none, random init",
     "compile": "on CUDA only",
     "max_steps_per_epoch": "none, whole epochs",

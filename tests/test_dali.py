@@ -132,7 +132,7 @@ def test_dtypes_and_memory_layouts_are_still_nchw_tensors(data, dtype, channels_
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         assert batch.is_contiguous(memory_format=memory_format)
     torch.testing.assert_close(images.float(), reference, atol=atol, rtol=0)
-    # + the resize's interior bound, one 8-bit level (README, "DALI"): 1 / 255 / std 0.224 = 0.0175
+    # + the resize's interior bound, one 8-bit level (docs/data.md, "DALI"): 1 / 255 / std 0.224 = 0.0175
     torch.testing.assert_close(torch_images.float(), reference, atol=atol + 0.02, rtol=0)
 
 

@@ -120,7 +120,7 @@ def test_readable_files_give_the_same_pixels(root):
         assert a.shape == b.shape and torch.equal(ia, ib) and torch.equal(la, lb)
         diff = _levels(a, b)
         interior = diff[..., 1:-1, 1:-1]
-        # the DALI equivalence bound (README, "DALI"; tests/test_dali_equivalence.py): one 8-bit level
+        # the DALI equivalence bound (docs/data.md, "DALI"; tests/test_dali_equivalence.py): one 8-bit level
         # inside, 32 on the outermost row and column, plus 1e-3 level of float32 normalisation
         assert float(interior.max()) <= 1.0 + 1e-3, [dataset.image_ids[i] for i in ia.tolist()]
         assert float(diff.max()) <= 32.0 + 1e-3  # the outermost row and column (equivalence bound)

@@ -1,5 +1,5 @@
 """The DALI CPU pipeline against the torchvision path on real JPEGs: geometry exactly, pixels within a
-stated bound (README, "DALI": the bound and how the resize filter was chosen).
+stated bound (docs/data.md, "DALI": the bound and how the resize filter was chosen).
 
 Every JPEG of fruit-voc (300 photographs, 166x160 to 2569x4605) and of tiny-imagenet-5 (2750 images
 at 64x64, 36 of them grayscale) goes through both paths. Differences are measured in 8-bit levels
@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.dali,
               pytest.mark.skipif(not dali_available(), reason="nvidia-dali is not installed")]
 
 DATA = shared_data_dir()
-# The bound, in 8-bit levels (README): one level away from the border; on downscaling, the outermost
+# The bound, in 8-bit levels (docs/data.md): one level away from the border; on downscaling, the outermost
 # row and column of the resized image (measured at most 26 levels on these images); and on average.
 INTERIOR_LEVELS = 1.0
 BORDER_LEVELS = 32.0
@@ -91,7 +91,7 @@ def _compare(diffs: list[torch.Tensor], borders: list[torch.Tensor], ids: list[s
     bad = [(i, float(d.max())) for i, d in zip(ids, diffs, strict=True) if float(d.max()) > border + EPS]
     assert not bad, f"border pixels differ by more than {border} levels: {bad[:5]} ({stats})"
     assert mean <= MEAN_LEVELS, stats
-    print(f"{len(diffs)} images: {stats}")  # the README's figures (pytest -s)
+    print(f"{len(diffs)} images: {stats}")  # docs/data.md's figures (pytest -s)
     return stats
 
 

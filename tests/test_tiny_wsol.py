@@ -43,7 +43,8 @@ def test_variants_change_one_thing_from_each_backbones_paper_setting():
 def test_the_plan_pairs_cam_and_minmaxcam_over_three_seeds_and_sweeps_once(tmp_path):
     _weights(tmp_path, "resnet18")
     _weights(tmp_path, "mobilenet_v2")
-    runs = build_plan(["wsol20", "tiny5"], ["resnet18", "mobilenet_v2"], list(GROUPS), pretrained_dir=tmp_path)
+    runs = build_plan(["wsol20", "tiny5"], ["resnet18", "mobilenet_v2"], list(GROUPS),
+                      pretrained_dir=tmp_path)
     keys = [r.key for r in runs]
     assert len(keys) == len(set(keys)) == 24 + 20  # main: 2 x 2 x 2 x 3; sweeps: 10 per backbone
     main = [r for r in runs if "main" in r.groups]
@@ -104,7 +105,8 @@ def test_a_cut_down_study_writes_rows_skips_them_and_reports(shared_data, tmp_pa
     assert [h["epoch"] for h in row["val_history"]] == [1, 2] and row["train_curve"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "MinMaxCAM - CAM" in report and "centred Gaussian" in report
-    assert json.loads((tmp_path / "report" / "centre_prior.json").read_text())["tiny5"]["test"]["images"] == 250
+    priors = json.loads((tmp_path / "report" / "centre_prior.json").read_text())
+    assert priors["tiny5"]["test"]["images"] == 250
 
     # a second invocation finds both rows and trains nothing; a stale row (other config) is rerun
     capsys.readouterr()

@@ -2,8 +2,8 @@
 
 Each module is mutated in a copy of the checkout (``build/mutation/tree``: tracked and untracked,
 not ignored, files), never in the checkout itself, so an interrupted run leaves no mutant behind and
-nobody's working files are touched. The copy is first on ``PYTHONPATH`` (with ``mmcam_kernels`` a
-link to its ``kernels/``), ahead of the editable install. The runner of each module is its own test
+nobody's working files are touched. The copy and its ``kernels/`` (which holds ``mmcam_kernels/``) are
+first on ``PYTHONPATH``, ahead of the editable install. The runner of each module is its own test
 files, with ``-x``: a mutant is killed by the first failing test.
 
 Mutation operators: the usual small faults, one replacement per operator, as mutmut makes them
@@ -49,12 +49,12 @@ MODULES: dict[str, tuple[str, list[str], bool, int]] = {
                   False, 300),
     "sampler": ("mmcam_fast/data/sampler.py",
                 ["tests/test_sampler.py", "tests/test_sampler_contract.py"], False, 120),
-    "cam_mask": ("kernels/cam_mask.py", [
+    "cam_mask": ("kernels/mmcam_kernels/cam_mask.py", [
         "tests/interpret/test_cam_mask.py", "tests/interpret/test_kernel_properties.py", "-k",
         "(non_square or ties or constant or strided or expanded or bf16_features or every_block_tail"
         " or cam_mask_dtype_layout_grid or integer_maps or launchable or require_grad) and not random"], True,
         400),
-    "set_regularizers": ("kernels/set_regularizers.py", [
+    "set_regularizers": ("kernels/mmcam_kernels/set_regularizers.py", [
         "tests/interpret/test_set_regularizers.py", "tests/interpret/test_kernel_properties.py", "-k",
         "set_regularizers or f_orig or strided_inputs or identical_members or launchable"], True, 300),
     "level_tree": ("mmcam_fast/evaluation/level_tree.py", [
@@ -89,13 +89,12 @@ def copy_tree() -> None:
         if source.is_file():
             (TREE / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, TREE / name)
-    (TREE / "mmcam_kernels").symlink_to("kernels", target_is_directory=True)
 
 
 def environment(interpret: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("MMCAM_KERNELS", None)
-    env["PYTHONPATH"] = str(TREE)
+    env["PYTHONPATH"] = os.pathsep.join([str(TREE), str(TREE / "kernels")])
     env.setdefault("MMCAM_SHARED_DATA", str(ROOT.parent / "shared" / "data"))
     env["NUMBA_CACHE_DIR"] = str(BUILD / "numba-cache")
     if interpret:

@@ -10,7 +10,7 @@ fancy chroma upsampling so both devices decode alike) and everything after it ru
 The resize is DALI's linear filter with antialiasing on 8-bit pixels, which is PIL's antialiased
 bilinear filter (torchvision's ``Resize`` on a PIL image): over all interior pixels the two agree to
 one level in 255; PIL renormalizes its filter where it overhangs the image border while DALI clamps
-the coordinates, so on downscaling the outermost row and column can differ more (README, "DALI").
+the coordinates, so on downscaling the outermost row and column can differ more (docs/data.md, "DALI").
 Crop anchors and flips come from the plan (``dali_source.PlanSource``), not from DALI's random
 generators: an epoch's augmentations are a function of (seed, rank, epoch, position), whatever the
 number of threads or workers, and a resumed run continues them exactly.

@@ -1,1 +1,1 @@
-"""The study of the README: MinMaxCAM against CAM and its ablations on Tiny-ImageNet-5 (CPU)."""
+"""The studies of docs/results.md: MinMaxCAM against CAM and its ablations on Tiny ImageNet (CPU)."""

@@ -6,7 +6,7 @@ split with the protocol (model selected on val by MaxBoxAccV2); writes the repor
 to ``--report-dir``. Runs go to ``--out`` and are skipped when finished, so an interrupted study
 continues where it stopped; ``--report-only`` rebuilds the report from the finished runs.
 
-    python -m mmcam_fast.experiments                       # the whole study, README figures
+    python -m mmcam_fast.experiments                       # the whole study, docs/results.md figures
     python -m mmcam_fast.experiments --only main --seeds 0  # plain CAM vs MinMaxCAM, one seed
 """
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "$(SHARED_DATA)/tiny-imagenet-5)")
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"), help="run folders")
     parser.add_argument("--report-dir", type=Path, default=Path("experiments/tiny-imagenet-5"),
-                        help="tables and plots (the README shows this folder's files)")
+                        help="tables and plots (docs/results.md shows this folder's files)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None,
                         help="variants or groups (main, lambda_crr, lambda_frr, set_size, masking)")

@@ -59,7 +59,7 @@ GROUPS = ("main", "lambda_crr", "lambda_frr", "set_size", "masking")
 
 @dataclass(frozen=True)
 class Schedule:
-    """Sizes of the study (cut to fit about an hour on two cores; see the README)."""
+    """Sizes of the study (cut to fit about an hour on two cores; see docs/results.md)."""
 
     pretrain_epochs: int = 6
     epochs: int = 3

@@ -113,7 +113,7 @@ def _cell(mean: float, std: float, digits: int = 1) -> str:
 
 
 def markdown_table(summary: list[dict[str, Any]]) -> str:
-    """The README table: mean ± std over seeds (percentages; distances to the class centre)."""
+    """The results table: mean ± std over seeds (percentages; distances to the class centre)."""
     head = ["variant", "λ_crr", "λ_frr", "S", "mask", *[t for _, t in METRICS], *[t for _, t in DISPERSION],
             "seeds"]
     rule = ["---"] * 5 + ["---:"] * (len(head) - 5)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -61,12 +62,15 @@ class Benchmark:
     groups: tuple[str, ...] = ("main",)  # which analyses run on it
     classes: int = 20  # N is at most this (N distinct classes per batch)
 
-    def prepare(self, shared: Path, cache: Path) -> Path:
+    def prepare(self, shared: Path | None, cache: Path) -> Path:
         from mmcam_fast.data.prepare import ensure_prepared, read_class_list, unpack_archive
 
+        if shared is None:
+            raise ConfigError("--shared: the data folder is needed (or set MMCAM_SHARED_DATA)")
         src = shared / self.source
         if not src.exists():
-            raise ConfigError(f"--shared {shared}: {self.source} not found (see ../shared/data/README.md)")
+            raise ConfigError(f"--shared {shared}: {self.source} not found (the project's data folder, "
+                              "with tiny-imagenet-192/ and tiny-imagenet-5/)")
         options: dict[str, Any] = {}
         if self.class_list is not None:
             options["classes"] = read_class_list(src.parent / self.class_list)
@@ -443,8 +447,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--shared",
         type=Path,
-        default=Path("../shared/data"),
-        help="the shared data folder (tiny-imagenet-192/, tiny-imagenet-5/)",
+        default=Path(os.environ["MMCAM_SHARED_DATA"]) if os.environ.get("MMCAM_SHARED_DATA") else None,
+        help="the data folder holding tiny-imagenet-192/ and tiny-imagenet-5/ (default: $MMCAM_SHARED_DATA; "
+        "`make experiments` passes it)",
     )
     parser.add_argument("--out", type=Path, default=Path("runs/tiny-wsol"), help="run folders and data")
     parser.add_argument("--report-dir", type=Path, default=REPORT_DIR, help="result rows and the report")
@@ -475,6 +480,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     args = parser.parse_args(argv)
+    if args.shared is None and args.action != "report":
+        raise ConfigError("--shared: the data folder is needed (or set MMCAM_SHARED_DATA)")
     if args.jobs is not None and args.jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     return args

@@ -394,7 +394,7 @@ def plot_overlays(out: Path, rows: list[dict[str, Any]], shared: Path, path: Pat
             folder = out / "wsol20" / "resnet18" / f"{row['key']}-{row['config_hash']}"
             if (folder / "checkpoints" / "best.pt").is_file():
                 found[row["variant"]] = Run(row["variant"], 0, folder, {})
-    if len(found) < 2:
+    if len(found) < 2 or shared is None:
         return False
     from mmcam_fast.data.loaders import build_datasets
 

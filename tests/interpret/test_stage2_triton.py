@@ -1,6 +1,6 @@
 """Stage II losses through the fused kernels (impl="triton", Triton interpreter) equal the reference path.
 
-The reference path of mmcam_fast.minmaxcam is written independently of mmcam_kernels; here the
+impl="reference" runs each fused op's plain-PyTorch reference (mmcam_kernels.*_ref); here the
 whole Stage II (frozen eval-mode backbone, CAM masking, second backbone pass, CRR/FRR, backward into
 fc.weight) runs both ways on a real ResNet18-CAM at a small input size.
 """

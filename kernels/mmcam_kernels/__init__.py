@@ -1,4 +1,4 @@
-"""mmcam_kernels: the Triton kernels of mmcam_fast (installed from the top-level folder kernels/).
+"""mmcam_kernels: the Triton kernels of mmcam_fast (``kernels/mmcam_kernels/``, imported by that name).
 
 Two fused ops, each with Triton forward/backward kernels, host launchers registered as
 ``torch.library.triton_op`` (namespace ``mmcam``), an autograd Function and a plain-PyTorch
@@ -12,7 +12,7 @@ Use ``mmcam_fast.ops`` to pick between the kernels and the references.
 """
 
 from ._launch import INTERPRETED, KERNEL_CONFIGS
-from .cam_mask import CAM_EPS, CamMaskFunction, cam_mask, cam_mask_ref
+from .cam_mask import CAM_EPS, CamMaskFunction, at_least_fp32_dtype, cam_mask, cam_mask_ref
 from .set_regularizers import SetRegularizersFunction, check_set_size, set_regularizers, set_regularizers_ref
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "KERNEL_CONFIGS",
     "CamMaskFunction",
     "SetRegularizersFunction",
+    "at_least_fp32_dtype",
     "cam_mask",
     "cam_mask_ref",
     "check_set_size",

@@ -534,7 +534,7 @@ def cam_mask_ref(
     dtype.
     """
     if compute_dtype is None:
-        compute_dtype = _at_least_fp32(features, weight, images)
+        compute_dtype = at_least_fp32_dtype(features, weight, images)
     # Autocast would run the einsum in bf16/fp16 whatever compute_dtype says: the reference opts out.
     with torch.autocast(features.device.type, enabled=False):
         class_weights = weight.to(compute_dtype)[labels]  # [B, K]
@@ -548,7 +548,8 @@ def cam_mask_ref(
         return (images.to(compute_dtype) * heat_up).to(images.dtype)
 
 
-def _at_least_fp32(*tensors: torch.Tensor) -> torch.dtype:
+def at_least_fp32_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The tensors' promoted dtype, at least fp32 (fp64 stays fp64)."""
     dtype = torch.float32
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
