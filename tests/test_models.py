@@ -7,7 +7,7 @@ import torch
 from torchvision import models as tvm
 
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.models import create_model, resolve_backbone_name
+from mmcam_fast.models import backbone_name, backbone_spec, create_model
 
 
 @pytest.mark.parametrize("name,stride,channels,side", [
@@ -44,10 +44,10 @@ def test_cams_are_the_weighted_sum_of_feature_maps():
     torch.testing.assert_close(cams, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("cli,key", [("resnet50", "resnet50_cam"), ("VGG16", "vgg16_cam"),
-                                     ("mobilenet-v2", "mobilenet_v2_cam"), ("resnet18_cam", "resnet18_cam")])
+@pytest.mark.parametrize("cli,key", [("resnet50", "resnet50"), ("VGG16", "vgg16"),
+                                     ("mobilenet-v2", "mobilenet_v2"), ("resnet18_cam", "resnet18")])
 def test_backbone_names(cli, key):
-    assert resolve_backbone_name(cli) == key
+    assert backbone_name(cli) == key and backbone_spec(cli).name == key
 
 
 def test_unknown_backbone_is_a_clear_error():

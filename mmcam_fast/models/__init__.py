@@ -1,27 +1,23 @@
-"""CAM models: a small registry of backbones, the CAM model, local pretrained weights."""
+"""CAM models: the backbone registry, the CAM model, local pretrained weights."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from mmcam_fast.models.backbones import (
-    BACKBONES,
     DEFAULT_FEATURE_STRIDE,
     FEATURE_STRIDES,
+    REGISTRY,
+    BackboneSpec,
     backbone_name,
+    backbone_spec,
     check_feature_stride,
 )
 from mmcam_fast.models.cam_model import CAMModel
 from mmcam_fast.models.pretrained import load_pretrained
 
-__all__ = ["BACKBONES", "CAMModel", "DEFAULT_FEATURE_STRIDE", "FEATURE_STRIDES", "backbone_name",
-           "check_feature_stride", "create_model", "load_pretrained",
-           "resolve_backbone_name"]
-
-
-def resolve_backbone_name(name: str) -> str:
-    """The registry key of a backbone name (``VGG16`` -> ``vgg16_cam``), by :func:`backbone_name`."""
-    return f"{backbone_name(name)}_cam"
+__all__ = ["REGISTRY", "BackboneSpec", "CAMModel", "DEFAULT_FEATURE_STRIDE", "FEATURE_STRIDES",
+           "backbone_name", "backbone_spec", "check_feature_stride", "create_model", "load_pretrained"]
 
 
 def create_model(name: str, num_classes: int, *, feature_stride: int | None = None,
@@ -36,11 +32,9 @@ def create_model(name: str, num_classes: int, *, feature_stride: int | None = No
         conv6_init: VGG16-CAM's conv6 initialisation, ``kaiming`` or ``default`` (PyTorch's).
         pretrained: a local torchvision state dict for the backbone, or None for random init.
     """
-    key = resolve_backbone_name(name)
-    stride = DEFAULT_FEATURE_STRIDE[backbone_name(name)] if feature_stride is None else feature_stride
-    check_feature_stride(name, stride)
-    backbone, num_features = BACKBONES[key](feature_stride=stride, conv6_init=conv6_init)
-    model = CAMModel(backbone, num_features, num_classes)
+    spec = backbone_spec(name)
+    stride = spec.check_stride(spec.default_stride if feature_stride is None else feature_stride)
+    model = CAMModel(spec.build(stride, conv6_init), spec.feature_dim, num_classes)
     if pretrained:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, spec)
     return model

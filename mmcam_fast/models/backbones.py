@@ -1,14 +1,18 @@
 """CAM backbones: torchvision networks cut before their classifier, with strides set for CAM.
 
-Each builder returns ``(backbone, num_features)``. Parameter names mirror torchvision's own (the
-backbone's ``features.*`` / ``layer*.*`` keys equal torchvision's), so a torchvision state dict loads
-into ``backbone`` without renaming; the only new layer inside a backbone is VGG16-CAM's ``conv6``.
+One registry (:data:`REGISTRY`): per backbone its builder, feature dimension, supported output
+strides, the paper's presets and its pretrained-key handling; :func:`backbone_spec` normalises a
+name once and returns its entry. Parameter names mirror torchvision's own (the backbone's
+``features.*`` / ``layer*.*`` keys equal torchvision's), so a torchvision state dict loads into
+``backbone`` without renaming; the only new layer inside a backbone is VGG16-CAM's ``conv6``.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,44 +90,60 @@ class MobileNetV2CAMBackbone(nn.Module):
         return self.features(x)
 
 
-def resnet50_cam(feature_stride: int = 8, **_: object) -> tuple[nn.Module, int]:
-    return ResNetCAMBackbone(tvm.resnet50(weights=None), feature_stride), 2048
+def _resnet(builder: Callable[..., tvm.ResNet]) -> Callable[..., nn.Module]:
+    return lambda feature_stride, conv6_init: ResNetCAMBackbone(builder(weights=None), feature_stride)
 
 
-def resnet18_cam(feature_stride: int = 8, **_: object) -> tuple[nn.Module, int]:
-    return ResNetCAMBackbone(tvm.resnet18(weights=None), feature_stride), 512
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything the project knows about one backbone, in one place.
+
+    Attributes:
+        name: the normalised name (``--backbone``, presets, ``config.yaml``).
+        build: ``build(feature_stride, conv6_init)`` -> the backbone module (torchvision parameter names).
+        feature_dim: K, the channels of the feature map (the rows of ``fc.weight`` have K entries).
+        strides: the output strides it can be built with (``--feature-stride``).
+        default_stride: the released MinMaxCAM code's geometry (28x28 at 224 for ResNets and
+            MobileNetV2, 14x14 for VGG16-CAM).
+        preset: the paper's training values for this backbone (lambdas, N; see ``mmcam_fast.config``).
+        new_layers: key prefixes a torchvision ImageNet state dict does not have (start from init).
+        head_prefixes: key prefixes of the torchvision ImageNet head, replaced by the CAM head.
+    """
+
+    name: str
+    build: Callable[[int, str], nn.Module]
+    feature_dim: int
+    strides: tuple[int, ...]
+    default_stride: int
+    preset: Mapping[str, Any] = field(default_factory=dict)
+    new_layers: tuple[str, ...] = ()
+    head_prefixes: tuple[str, ...] = ("fc.", "classifier.")
+
+    def check_stride(self, stride: int) -> int:
+        """``stride`` if this backbone supports it, else a ConfigError naming both and the choices."""
+        if stride not in self.strides:
+            choices = ", ".join(map(str, self.strides))
+            raise ConfigError(f"--feature-stride {stride}: {self.name} supports {choices}")
+        return stride
 
 
-def vgg16_cam(feature_stride: int = 16, conv6_init: str = "kaiming", **_: object) -> tuple[nn.Module, int]:
-    return VGGCAMBackbone(tvm.vgg16(weights=None), conv6_init), 1024
-
-
-def mobilenet_v2_cam(feature_stride: int = 8, **_: object) -> tuple[nn.Module, int]:
-    return MobileNetV2CAMBackbone(tvm.mobilenet_v2(weights=None), feature_stride), 1280
-
-
-# Output strides each backbone can be built with (--feature-stride), and the released MinMaxCAM
-# code's, the default: 28x28 maps at 224 for ResNet50-CAM and MobileNetV2-CAM, 14x14 for VGG16-CAM.
-FEATURE_STRIDES: dict[str, tuple[int, ...]] = {
-    "vgg16": (16,), "resnet50": (8, 16, 32), "mobilenet_v2": (8, 16, 32), "resnet18": (8, 16, 32)}
-DEFAULT_FEATURE_STRIDE: dict[str, int] = {"vgg16": 16, "resnet50": 8, "mobilenet_v2": 8, "resnet18": 8}
-
-
-def check_feature_stride(backbone: str, stride: int) -> int:
-    """``stride`` if ``backbone`` supports it, else a ConfigError naming both and what it supports."""
-    supported = FEATURE_STRIDES[backbone_name(backbone)]
-    if stride not in supported:
-        raise ConfigError(f"--feature-stride {stride}: {backbone_name(backbone)} supports "
-                          f"{', '.join(map(str, supported))}")
-    return stride
-
-
-BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
-    "vgg16_cam": vgg16_cam,
-    "resnet50_cam": resnet50_cam,
-    "mobilenet_v2_cam": mobilenet_v2_cam,
-    "resnet18_cam": resnet18_cam,
-}
+# The paper's presets per backbone (Fig. 6: VGG16 best at lambda_frr = 10 with a small lambda_crr,
+# MobileNetV2 prefers a larger lambda_crr; N = 12 sets of S = 5, ResNet50 N = 10).
+REGISTRY: dict[str, BackboneSpec] = {spec.name: spec for spec in (
+    BackboneSpec("vgg16",
+                 lambda feature_stride, conv6_init: VGGCAMBackbone(tvm.vgg16(weights=None), conv6_init),
+                 1024, (16,), 16,
+                 {"lambda_crr": 1.0, "lambda_frr": 10.0, "sets_per_batch": 12, "feature_stride": 16},
+                 new_layers=("conv6.",)),
+    BackboneSpec("resnet50", _resnet(tvm.resnet50), 2048, (8, 16, 32), 8,
+                 {"lambda_crr": 1.0, "lambda_frr": 1.0, "sets_per_batch": 10}),
+    BackboneSpec("mobilenet_v2",
+                 lambda feature_stride, conv6_init: MobileNetV2CAMBackbone(tvm.mobilenet_v2(weights=None),
+                                                                           feature_stride),
+                 1280, (8, 16, 32), 8, {"lambda_crr": 10.0, "lambda_frr": 1.0, "sets_per_batch": 12}),
+    BackboneSpec("resnet18", _resnet(tvm.resnet18), 512, (8, 16, 32), 8,
+                 {"lambda_crr": 1.0, "lambda_frr": 1.0, "sets_per_batch": 12}),
+)}
 
 
 def backbone_name(name: str) -> str:
@@ -135,15 +155,25 @@ def backbone_name(name: str) -> str:
         ConfigError: an unknown backbone (naming the flag and the choices).
     """
     compact = re.sub(r"[\s_-]", "", str(name).lower()).removesuffix("cam")
-    for key in BACKBONES:
-        short = key.removesuffix("_cam")
-        if compact == short.replace("_", ""):
-            return short
-    choices = ", ".join(n.removesuffix("_cam") for n in BACKBONES)
-    raise ConfigError(f"--backbone {name!r}: unknown backbone; choose one of {choices}")
+    for key in REGISTRY:
+        if compact == key.replace("_", ""):
+            return key
+    raise ConfigError(f"--backbone {name!r}: unknown backbone; choose one of {', '.join(REGISTRY)}")
 
 
-# Layers that a torchvision ImageNet state dict does not have: they start from their initialisation.
-NEW_LAYERS = ("conv6.",)
-# Keys of a torchvision state dict that belong to its ImageNet head, replaced by the CAM head.
-TORCHVISION_HEAD_PREFIXES = ("fc.", "classifier.")
+def backbone_spec(name: str) -> BackboneSpec:
+    """The registry entry of a backbone, by any spelling :func:`backbone_name` accepts."""
+    return REGISTRY[backbone_name(name)]
+
+
+def check_feature_stride(backbone: str, stride: int) -> int:
+    """``stride`` if ``backbone`` supports it, else a ConfigError naming both and what it supports."""
+    return backbone_spec(backbone).check_stride(stride)
+
+
+# Views of the registry, by normalised name
+FEATURE_STRIDES: dict[str, tuple[int, ...]] = {n: s.strides for n, s in REGISTRY.items()}
+DEFAULT_FEATURE_STRIDE: dict[str, int] = {n: s.default_stride for n, s in REGISTRY.items()}
+# Layers that a torchvision ImageNet state dict does not have, over all backbones (the engine's
+# classifier learning rate applies to them)
+NEW_LAYERS: tuple[str, ...] = tuple(sorted({p for s in REGISTRY.values() for p in s.new_layers}))

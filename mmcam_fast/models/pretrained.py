@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.models.backbones import NEW_LAYERS, TORCHVISION_HEAD_PREFIXES
+from mmcam_fast.models.backbones import BackboneSpec
 from mmcam_fast.models.cam_model import CAMModel
 
 _MAX_LISTED = 8
@@ -20,10 +20,11 @@ def _strip(key: str) -> str:
     return key
 
 
-def load_pretrained(model: CAMModel, path: str | Path) -> None:
+def load_pretrained(model: CAMModel, path: str | Path, spec: BackboneSpec) -> None:
     """Copy a torchvision state dict (e.g. resnet50-0676ba61.pth) into ``model.backbone``.
 
-    Only the new layers (VGG16-CAM's conv6, and the CAM head ``fc``) may be absent. A missing backbone
+    Only the new layers (``spec.new_layers``: VGG16-CAM's conv6; and the CAM head ``fc``) may be absent,
+    and only the torchvision head (``spec.head_prefixes``) may be left over. A missing backbone
     key, a shape mismatch, or a key that is neither a backbone key nor the torchvision head is an error
     naming the file and the first keys concerned; nothing is loaded in that case.
 
@@ -43,11 +44,11 @@ def load_pretrained(model: CAMModel, path: str | Path) -> None:
     state = {_strip(k): v for k, v in state.items()}
 
     target = model.backbone.state_dict()
-    missing = [k for k in target if k not in state and not k.startswith(NEW_LAYERS)
+    missing = [k for k in target if k not in state and not k.startswith(spec.new_layers)
                and not k.endswith("num_batches_tracked")]
     mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in target.items() if k in state and state[k].shape != v.shape]
-    unexpected = [k for k in state if k not in target and not k.startswith(TORCHVISION_HEAD_PREFIXES)]
+    unexpected = [k for k in state if k not in target and not k.startswith(spec.head_prefixes)]
     problems = []
     for what, keys in (("missing", missing), ("shape mismatch", mismatched), ("unexpected", unexpected)):
         if keys:
