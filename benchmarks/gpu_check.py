@@ -519,7 +519,8 @@ def _engine_run(device, impl: str, counter: CudaGraphCounter | None, warmup: int
     import torch
 
     from mmcam_fast.config import TrainConfig
-    from mmcam_fast.engine import MetricLog, Trainer
+    from mmcam_fast.engine import Trainer
+    from mmcam_fast.metric_log import MetricLog
 
     tests = _import_from(TESTS, "test_engine_fast")
     model = tests._tiny_model().to(device)

@@ -13,9 +13,6 @@ every rank and counted (:mod:`mmcam_fast.guards`).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,6 +134,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._stage1 = self._stage1_forward
         self._stage2 = self._stage2_forward
+        # The step's two implementations, chosen here once: the stages below call these.
+        self._stage1_losses = self._stage1 if self.fast else self._reference_stage1
+        self._stage2_losses = self._fast_stage2 if self.fast else self._reference_stage2
         if self.fast:
             self.kernels = ops.resolve_impl(None, self.device)
             if config.compile or (config.compile is None and self.device.type == "cuda"):
@@ -147,6 +147,7 @@ class Trainer:
                 # in place, so a replay reads Stage I's new weights: no re-capture is needed.
                 mode = "reduce-overhead" if self.device.type == "cuda" and config.cuda_graphs else None
                 self._stage2 = torch.compile(self._stage2_forward, fullgraph=True, mode=mode, dynamic=False)
+                self._stage1_losses = self._stage1
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -164,6 +165,24 @@ class Trainer:
         with self._autocast():
             return stage2_core(backbone, plain.fc.weight, images, labels, self.config.set_size,
                                kernels=self.kernels, mask=self.config.stage2_mask)
+
+    def _reference_stage1(self, images: torch.Tensor, labels: torch.Tensor):
+        logits, _ = self.model(images)
+        return stage1_loss(logits, labels), logits
+
+    def _reference_stage2(self, images: torch.Tensor, labels: torch.Tensor):
+        plain = unwrap(self.model)
+        return stage2_losses(plain.backbone, plain.fc, images, labels, self.config.set_size,
+                             mask=self.config.stage2_mask)
+
+    def _fast_stage2(self, images: torch.Tensor, labels: torch.Tensor):
+        if self.folded is not None:
+            # Stage I's new weights and BatchNorm statistics into the folded convolutions (in
+            # place); kept in bf16 under bf16 autocast (no cast per pass), in fp32 under fp16
+            # autocast (a folded weight could overflow fp16 where a BatchNorm variance is tiny).
+            self.folded.refresh(torch.bfloat16 if self.amp_dtype == torch.bfloat16 else None)
+        with eval_mode(unwrap(self.model).backbone):
+            return self._stage2(images, labels)
 
     def _step(self, loss: torch.Tensor, average: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
         """Backward and optimizer step, skipped on every rank if the loss is not finite on one.
@@ -221,11 +240,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._buffers.save()  # the forward pass moves BatchNorm statistics; a skipped step undoes it
-        if self.fast:
-            ce, logits = self._stage1(images, labels)
-        else:
-            logits, _ = self.model(images)
-            ce = stage1_loss(logits, labels)
+        ce, logits = self._stage1_losses(images, labels)
         finite = self._step(ce)
         self._buffers.restore_unless(finite)
         return {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == labels).float().mean()}, finite
@@ -252,17 +267,7 @@ class Trainer:
         # applies weight decay and Nesterov momentum to every parameter that has one.
         self.optimizer.zero_grad(set_to_none=config.stage2_step != "all")
         plain = unwrap(self.model)
-        if self.fast:
-            if self.folded is not None:
-                # Stage I's new weights and BatchNorm statistics into the folded convolutions (in
-                # place); kept in bf16 under bf16 autocast (no cast per pass), in fp32 under fp16
-                # autocast (a folded weight could overflow fp16 where a BatchNorm variance is tiny).
-                self.folded.refresh(torch.bfloat16 if self.amp_dtype == torch.bfloat16 else None)
-            with eval_mode(plain.backbone):
-                crr, frr = self._stage2(images, labels)
-        else:
-            crr, frr = stage2_losses(plain.backbone, plain.fc, images, labels, config.set_size,
-                                     mask=config.stage2_mask)
+        crr, frr = self._stage2_losses(images, labels)
         loss2 = config.lambda_crr * crr + config.lambda_frr * frr
         finite = self._step(loss2, average=(plain.fc.weight,))
         if self._stage2 is not self._stage2_forward and self.device.type == "cuda" and config.cuda_graphs:
@@ -291,48 +296,3 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if "nonfinite" in state:
             self.guard.load_state_dict(state["nonfinite"])
-
-
-class MetricLog:
-    """Per-step metrics kept on the device, written as JSON lines at the log interval.
-
-    Args:
-        path: the JSONL file (appended to); None keeps ``last`` only (ranks other than 0).
-        every: flush interval in steps; each flush reads the buffered steps back in one transfer.
-        reduce: applied to the ``[steps, metrics]`` table before it is read back, e.g. the mean over
-            the ranks (every rank must then flush at the same steps).
-    """
-
-    def __init__(self, path: str | Path | None, every: int,
-                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.path = Path(path) if path is not None else None
-        self.every = max(1, every)
-        self.reduce = reduce
-        self._pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
-        self.last: dict[str, float] = {}
-
-    def add(self, info: dict[str, Any], metrics: dict[str, torch.Tensor]) -> bool:
-        """Buffer one step; returns True when this call flushed (so callers may refresh displays)."""
-        self._pending.append((info, metrics))
-        if len(self._pending) >= self.every:
-            self.flush()
-            return True
-        return False
-
-    def flush(self) -> None:
-        if not self._pending:
-            return
-        keys = sorted({k for _, m in self._pending for k in m})
-        device = next(iter(self._pending[0][1].values())).device
-        nan = torch.tensor(float("nan"), device=device)
-        table = torch.stack([torch.stack([m.get(k, nan).float() for k in keys])
-                             for _, m in self._pending])
-        if self.reduce is not None:
-            table = self.reduce(table)
-        records = [{**info, **{k: v for k, v in zip(keys, row, strict=True) if v == v}}
-                   for (info, _), row in zip(self._pending, table.cpu().tolist(), strict=True)]
-        if self.path is not None:
-            with self.path.open("a") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in records)
-        self.last = records[-1]
-        self._pending.clear()

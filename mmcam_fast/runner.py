@@ -42,8 +42,9 @@ from mmcam_fast.checkpoint import (
 from mmcam_fast.config import TrainConfig, default_run_folder
 from mmcam_fast.console import format_validation
 from mmcam_fast.curves import write_curves
-from mmcam_fast.engine import MetricLog, Trainer
+from mmcam_fast.engine import Trainer
 from mmcam_fast.errors import ConfigError
+from mmcam_fast.metric_log import MetricLog
 from mmcam_fast.models import create_model
 from mmcam_fast.run_folder import atomic_write_text, keep_lines, open_run_folder, start_afresh
 

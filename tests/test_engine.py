@@ -7,7 +7,8 @@ import json
 import torch
 
 from mmcam_fast.config import TrainConfig
-from mmcam_fast.engine import MetricLog, Trainer
+from mmcam_fast.engine import Trainer
+from mmcam_fast.metric_log import MetricLog
 from mmcam_fast.models import create_model
 
 

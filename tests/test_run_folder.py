@@ -36,7 +36,8 @@ _CHILD = textwrap.dedent("""
     import os, sys
     point, n = sys.argv[1], int(sys.argv[2])
     import mmcam_fast.runner as runner
-    from mmcam_fast.engine import MetricLog, Trainer
+    from mmcam_fast.engine import Trainer
+    from mmcam_fast.metric_log import MetricLog
     calls = {"n": 0}
 
     def due():
