@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from mmcam_fast.cli import ArgumentParser, console_entry
-from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, load_rgb
+from mmcam_fast.data.images import read_rgb
 from mmcam_fast.data.metadata import WSOLMetadata, load_metadata
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation import (
@@ -126,13 +126,7 @@ def _scoremaps_from_files(args: argparse.Namespace, image_ids: list[str]):
 
 def _load_image(image_root: Path, image_id: str) -> np.ndarray:
     """The image at its own size, RGB uint8 (the overlay maps the score map back onto it)."""
-    path = image_root / image_id
-    try:
-        return np.asarray(load_rgb(path))
-    except FileNotFoundError:
-        raise DataError(f"image {image_id}: {path} is missing (check --image-root)") from None
-    except UNREADABLE_IMAGE_ERRORS as error:
-        raise DataError(f"image {image_id}: {path} cannot be read as an image ({error})") from None
+    return np.asarray(read_rgb(image_root / image_id, f"image {image_id}", hint="check --image-root"))
 
 
 def _class_names(folders: list[Path | None]) -> list[str] | None:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mmcam_fast.checkpoint import load_checkpoint
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.data.datasets import WSOLDataset
-from mmcam_fast.data.images import load_rgb
+from mmcam_fast.data.images import read_rgb
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import (
     SCOREMAP_SIZE,
@@ -187,7 +187,7 @@ def evaluate_localization(model: CAMModel, dataset: WSOLDataset, *, device: torc
     if kept:
         index = {image_id: i for i, image_id in enumerate(dataset.image_ids)}
         names = dataset.classes or [str(k) for k in range(max(meta.labels.values()) + 1)]
-        images = [np.asarray(load_rgb(dataset.image_path(index[i]))) for i in chosen]  # at their own size
+        images = [np.asarray(read_rgb(dataset.image_path(index[i]))) for i in chosen]  # at their own size
         written = write_overlays(
             images, [kept[i][0] for i in chosen], [meta.boxes.get(i, []) for i in chosen], threshold,
             overlay_dir, chosen, box_sizes=[meta.sizes.get(i) for i in chosen],
@@ -200,4 +200,4 @@ def evaluate_localization(model: CAMModel, dataset: WSOLDataset, *, device: torc
 def image_224(path: Path) -> np.ndarray:
     """The image as the protocol's eval transform sees it: RGB uint8 resized to 224x224."""
     size = (SCOREMAP_SIZE, SCOREMAP_SIZE)
-    return cv2.resize(np.asarray(load_rgb(path)), size, interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(np.asarray(read_rgb(path)), size, interpolation=cv2.INTER_LINEAR)

@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 import torch
 
+from mmcam_fast.checkpoint import load_checkpoint
 from mmcam_fast.cli import ArgumentParser, console_entry
-from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, describe_unreadable, load_rgb
+from mmcam_fast.data.images import read_rgb
 from mmcam_fast.data.transforms import eval_transform
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation import SCOREMAP_SIZE, cams_to_scoremaps, overlay_image
@@ -36,17 +37,14 @@ def localize_images(checkpoint: str | Path, images: list[Path], *, device: str =
     """Predicted classes and boxes for each image (see the module docstring)."""
     model, config, classes = load_trained_model(checkpoint, device)
     if cam_threshold is None:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False).get("val") or {}
+        saved = load_checkpoint(checkpoint).get("val") or {}
         cam_threshold = float(saved.get("maxboxacc_threshold", DEFAULT_THRESHOLD))
     if not 0 <= cam_threshold < 1:
         raise ConfigError(f"--cam-threshold must be in [0, 1), got {cam_threshold}")
     transform = eval_transform(config.image_size)
     results = []
     for path in images:
-        try:
-            image = load_rgb(path)
-        except UNREADABLE_IMAGE_ERRORS as error:
-            raise DataError(f"{path}: cannot read the image ({describe_unreadable(path, error)})") from None
+        image = read_rgb(path)
         width, height = image.size
         with torch.no_grad():
             logits, features = model(transform(image)[None].to(device))

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mmcam_fast.errors import DataError
+
 # What PIL raises for files that are not images, are truncated or are damaged.
 UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error,
                            Image.DecompressionBombError)
@@ -49,6 +51,19 @@ def load_rgb(path: str | Path) -> Image.Image:
     with Image.open(path) as image:
         image.load()
         return to_rgb(image)
+
+
+def read_rgb(path: str | Path, what: str | None = None, hint: str = "") -> Image.Image:
+    """:func:`load_rgb` for the evaluation and localization entry points: a missing or unreadable
+    file is one DataError, ``[<what>: ]<path>: cannot read the image (<reason>)[; <hint>]``, the
+    wording of the training loaders."""
+    try:
+        return load_rgb(path)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        prefix = f"{what}: " if what else ""
+        suffix = f"; {hint}" if hint else ""
+        raise DataError(f"{prefix}{path}: cannot read the image ({describe_unreadable(path, error)}){suffix}"
+                        ) from None
 
 
 def describe_unreadable(path: str | Path, error: BaseException) -> str:
