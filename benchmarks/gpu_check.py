@@ -950,7 +950,7 @@ def stage_f(report: Report, dry_run: bool, shapes: Shapes, budget: float) -> Non
     import numpy as np
 
     from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes
-    from mmcam_fast.evaluation.synthetic import realistic_scoremaps
+    realistic_scoremaps = _import_from(TESTS, "scoremap_samples").realistic_scoremaps
 
     rng = np.random.default_rng(0)
     ids = [f"map{i:04d}" for i in range(shapes.f_maps)]

@@ -9,19 +9,24 @@ ground-truth boxes of 150 CUB test and 150 ILSVRC val images, a quarter of them 
 
 from __future__ import annotations
 
+import sys  # noqa: I001 - the tests' data helpers (tests/) must be importable first
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "tests"))
+
 import time
 from functools import lru_cache
 
 import numpy as np
 import pytest
-from shared_data import shared_data_dir
+from scoremap_samples import realistic_scoremaps  # noqa: E402
+from shared_data import shared_data_dir  # noqa: E402
 
 from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
 from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
 from mmcam_fast.evaluation.parallel import resolve_threads
-from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 from mmcam_fast.evaluation.thresholds import cam_thresholds
 
 META = shared_data_dir() / "wsol-metadata"

@@ -15,6 +15,11 @@ printed with the table.
 
 from __future__ import annotations
 
+import sys  # noqa: I001 - the tests' data helpers (tests/) must be importable first
+from pathlib import Path as _Path
+
+sys.path.insert(0, str(_Path(__file__).resolve().parents[1] / "tests"))
+
 import logging
 import os
 import tempfile
@@ -23,7 +28,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from shared_data import shared_data_dir
+from shared_data import shared_data_dir  # noqa: E402
 
 from mmcam_fast.data.dali import dali_available
 from mmcam_fast.data.loaders import DataSplits, build_datasets, build_loader, set_batch_sampler

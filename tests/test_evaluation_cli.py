@@ -6,6 +6,7 @@ import re
 
 import cv2
 import numpy as np
+from scoremap_samples import realistic_scoremaps
 from shared_data import shared_data_dir
 
 from mmcam_fast.cli import run_main
@@ -13,7 +14,6 @@ from mmcam_fast.data.metadata import load_metadata, write_metadata
 from mmcam_fast.evaluate import main
 from mmcam_fast.evaluation import BoxEvaluator, MaskEvaluator, gt_boxes_224, save_scoremaps
 from mmcam_fast.evaluation.overlays import CAPTION_HEIGHT
-from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
 DATA = shared_data_dir()
 META = DATA / "wsol-metadata"

@@ -6,12 +6,12 @@ import os
 import cv2
 import numpy as np
 import pytest
+from scoremap_samples import realistic_scoremaps
 from shared_data import shared_data_dir
 
 from mmcam_fast.data.metadata import load_metadata, write_metadata
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import MaskEvaluator, load_gt_mask, pxap_from_histograms
-from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
 DATA = shared_data_dir()
 META = DATA / "wsol-metadata"

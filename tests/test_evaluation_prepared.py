@@ -5,6 +5,7 @@ import json
 import cv2
 import numpy as np
 import pytest
+from scoremap_samples import realistic_scoremaps
 from shared_data import shared_data_dir
 
 from mmcam_fast.cli import run_main
@@ -14,7 +15,6 @@ from mmcam_fast.data.prepare import prepare_tiny_imagenet, prepare_voc
 from mmcam_fast.evaluate import main
 from mmcam_fast.evaluation import BoxEvaluator, MaskEvaluator, gt_boxes_224, load_gt_mask, save_scoremaps
 from mmcam_fast.evaluation.overlays import CAPTION_HEIGHT, DISPLAY_MIN
-from mmcam_fast.evaluation.synthetic import realistic_scoremaps
 
 DATA = shared_data_dir()
 

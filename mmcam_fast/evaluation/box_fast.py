@@ -66,18 +66,11 @@ def to_uint8(scoremap: np.ndarray) -> np.ndarray:
     return (np.asarray(scoremap, dtype=np.float64) * 255).astype(np.uint8)
 
 
-def box_correct_fast(scoremap: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_thresholds: Sequence[float],
-                     iou_thresholds: Sequence[int], multi_contour: bool,
-                     stats: dict | None = None) -> np.ndarray:
-    """Same contract as :func:`~mmcam_fast.evaluation.box_reference.box_correct_reference`."""
-    u = to_uint8(scoremap)
-    return box_correct_fast_u8(u, gt_boxes, cam_thresholds, iou_thresholds, multi_contour, stats)
-
-
 def box_correct_fast_u8(u: np.ndarray, gt_boxes: Sequence[Sequence[int]], cam_thresholds: Sequence[float],
                         iou_thresholds: Sequence[int], multi_contour: bool,
                         stats: dict | None = None) -> np.ndarray:
-    """:func:`box_correct_fast` on an already quantized map ``u`` (uint8 ``[H, W]``).
+    """The correctness table of one score map, from its quantized form ``u`` (uint8 ``[H, W]``, see
+    :func:`to_uint8`); the contract of :func:`~mmcam_fast.evaluation.box_reference.box_correct_reference`.
 
     Args:
         stats: when given, receives counts of how the distinct integer thresholds were decided:

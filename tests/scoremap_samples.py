@@ -1,4 +1,4 @@
-"""Random, realistic score maps for tests and benchmarks of the evaluators.
+"""Random, realistic score maps for the tests and benchmarks of the evaluators (test code, not library).
 
 CAMs are drawn at the resolutions real backbones give (7x7, 14x14, 28x28) as sums of Gaussian
 blobs, optionally placed inside given ground-truth boxes (real CAMs peak on the object), with
