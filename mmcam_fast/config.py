@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from mmcam_kernels import MIN_SET_SIZE
 
 from mmcam_fast.errors import ConfigError
+from mmcam_fast.evaluation.thresholds import check_cam_curve_interval
 from mmcam_fast.models.backbones import REGISTRY, backbone_name, check_feature_stride
 
 # the --data names (mmcam_fast.data.loaders maps each to its folders and metadata)
@@ -121,7 +123,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         checks = [
-            (self.set_size >= 2, "--set-size must be at least 2 (CRR compares images within a set)"),
             (self.sets_per_batch >= 1, "--sets-per-batch must be at least 1"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
@@ -131,7 +132,6 @@ class TrainConfig:
             (self.stage2_mask in ("image", "feature"), "--stage2-mask must be 'image' or 'feature'"),
             (self.impl in ("fast", "reference"), "--impl must be 'fast' or 'reference'"),
             (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of auto, bf16, fp16, off"),
-            (0 < self.cam_curve_interval < 1, "--cam-curve-interval must be in (0, 1)"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: at the end of epochs only)"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0 (0: never stop)"),
             (self.dist_timeout_min > 0, "--dist-timeout-min must be positive"),
@@ -144,6 +144,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_cam_curve_interval(self.cam_curve_interval)  # the evaluators' own rule
+        if self.set_size < MIN_SET_SIZE:  # the kernels' rule (mmcam_kernels.check_set_size)
+            raise ConfigError(f"--set-size must be at least {MIN_SET_SIZE} (CRR compares images within a "
+                              f"set), got {self.set_size}")
 
 
 # Presets from the paper per backbone live in its registry entry (mmcam_fast.models.backbones.REGISTRY:

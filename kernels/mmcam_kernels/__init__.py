@@ -13,12 +13,19 @@ Use ``mmcam_fast.ops`` to pick between the kernels and the references.
 
 from ._launch import INTERPRETED, KERNEL_CONFIGS
 from .cam_mask import CAM_EPS, CamMaskFunction, at_least_fp32_dtype, cam_mask, cam_mask_ref
-from .set_regularizers import SetRegularizersFunction, check_set_size, set_regularizers, set_regularizers_ref
+from .set_regularizers import (
+    MIN_SET_SIZE,
+    SetRegularizersFunction,
+    check_set_size,
+    set_regularizers,
+    set_regularizers_ref,
+)
 
 __all__ = [
     "CAM_EPS",
     "INTERPRETED",
     "KERNEL_CONFIGS",
+    "MIN_SET_SIZE",
     "CamMaskFunction",
     "SetRegularizersFunction",
     "at_least_fp32_dtype",

@@ -24,12 +24,15 @@ from torch.library import triton_op
 
 from ._launch import block_size, check_float_dtype, check_same_device, config, launch
 
+MIN_SET_SIZE = 2  # CRR compares pairs within a set; the one bound (mmcam_fast.config validates with it)
+
 
 def check_set_size(batch_size: int, set_size: int) -> None:
-    """Raise ValueError unless the batch holds whole sets of ``set_size >= 2`` samples."""
-    if set_size < 2:
+    """Raise ValueError unless the batch holds whole sets of ``set_size >= MIN_SET_SIZE`` samples."""
+    if set_size < MIN_SET_SIZE:
         raise ValueError(
-            f"set_size must be at least 2 (CRR compares pairs within a set), got set_size={set_size}"
+            f"set_size must be at least {MIN_SET_SIZE} (CRR compares pairs within a set), "
+            f"got set_size={set_size}"
         )
     if batch_size % set_size != 0:
         raise ValueError(

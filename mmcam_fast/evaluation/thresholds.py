@@ -12,15 +12,24 @@ IMPLS = ("fast", "reference")
 DEFAULT_IOU_THRESHOLDS = (30, 50, 70)
 
 
+def check_cam_curve_interval(cam_curve_interval: float, flag: str = "--cam-curve-interval") -> float:
+    """The one rule for the CAM threshold spacing, for every entry point: a number in (0, 1).
+
+    Raises:
+        ConfigError: naming ``flag``.
+    """
+    if not 0 < cam_curve_interval < 1:
+        raise ConfigError(f"{flag} must be in (0, 1), got {cam_curve_interval}")
+    return cam_curve_interval
+
+
 def cam_thresholds(cam_curve_interval: float = 0.01) -> np.ndarray:
     """The protocol's CAM thresholds: ``np.arange(0, 1, cam_curve_interval)`` (float64).
 
     Raises:
-        ConfigError: the interval is not in (0, 1].
+        ConfigError: the interval is not in (0, 1) (:func:`check_cam_curve_interval`).
     """
-    if not 0 < cam_curve_interval <= 1:
-        raise ConfigError(f"cam_curve_interval must be in (0, 1], got {cam_curve_interval}")
-    return np.arange(0, 1, cam_curve_interval)
+    return np.arange(0, 1, check_cam_curve_interval(cam_curve_interval, "cam_curve_interval"))
 
 
 def check_iou_thresholds(iou_thresholds: Sequence[int]) -> list[int]:
