@@ -22,19 +22,26 @@ def _parse_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}") from None
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str],
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
                         defaults: Mapping[str, str] | None = None) -> None:
     """One ``--kebab-case`` flag per dataclass field; every default is None so presets can apply.
 
-    Booleans take ``--flag`` / ``--no-flag``; lists take several values; ``X | None`` takes X.
+    Derived from the fields: the argument group (``metadata["section"]``), the help text
+    (``metadata["help"]``) and, for ``Literal`` fields, the choices shown (the config's validation
+    checks them, the same rule for flags and ``--config`` files). Booleans take ``--flag`` /
+    ``--no-flag``; lists take several values; ``X | None`` takes X.
 
     Args:
-        helps: field name -> help text.
         defaults: field name -> how its default reads in the help (e.g. the values it takes under
             presets); fields not in it show the dataclass default.
     """
     hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for field in dataclasses.fields(cls):
+        section = field.metadata.get("section")
+        if section is not None and section not in groups:
+            groups[section] = parser.add_argument_group(section)
+        target = groups[section] if section is not None else parser
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
         args = typing.get_args(kind)
@@ -46,13 +53,17 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, helps: dict[
             default_text = str(field.default if field.default is not dataclasses.MISSING
                                else field.default_factory())
         # argparse %-formats help strings: a literal % must be doubled
-        text = f"{helps.get(field.name, '')} (default: {default_text})".strip().replace("%", "%%")
+        text = f"{field.metadata.get('help', '')} (default: {default_text})".strip().replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
+            target.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, type=typing.get_args(kind)[0], nargs="*", default=None, help=text)
+            target.add_argument(flag, type=typing.get_args(kind)[0], nargs="*", default=None, help=text)
+        elif typing.get_origin(kind) is typing.Literal:
+            # the choices shown, checked by the config's validation (one rule for flags and --config)
+            target.add_argument(flag, type=str, default=None, help=text,
+                                metavar="{" + ",".join(typing.get_args(kind)) + "}")
         else:
-            parser.add_argument(flag, type=kind, default=None, help=text)
+            target.add_argument(flag, type=kind, default=None, help=text)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from mmcam_kernels import MIN_SET_SIZE
@@ -22,74 +23,149 @@ from mmcam_fast.errors import ConfigError
 from mmcam_fast.evaluation.thresholds import check_cam_curve_interval
 from mmcam_fast.models.backbones import REGISTRY, backbone_name, check_feature_stride
 
+SECTIONS = ("data", "model", "method", "optimisation", "engine", "run")  # the --help groups, in order
+
+
+def option(default: Any, section: str, help: str, *, none_means: str | None = None) -> Any:
+    """A config field with its ``--help`` text and section beside it (the CLI is derived from these).
+
+    ``none_means``: how a default of None reads in ``--help`` where "none" would not say it.
+    """
+    assert section in SECTIONS, section
+    metadata = {"section": section, "help": help, "none_means": none_means}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+DataName = Literal["synthetic", "tiny-imagenet", "voc", "cub", "imagenet", "openimages"]
 # the --data names (mmcam_fast.data.loaders maps each to its folders and metadata)
-DATA_NAMES = ("synthetic", "tiny-imagenet", "voc", "cub", "imagenet", "openimages")
+DATA_NAMES: tuple[str, ...] = typing.get_args(DataName)
+Recipe = Literal["paper", "authors"]
+Stage2Step = Literal["fc_weight", "all"]
+STAGE2_STEPS: tuple[str, ...] = typing.get_args(Stage2Step)
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run depends on; saved as ``config.yaml`` in the run folder."""
+    """Everything a training run depends on; saved as ``config.yaml`` in the run folder.
 
-    data: str = "synthetic"
-    data_root: str | None = None
-    metadata_root: str | None = None
-    backbone: str = "resnet18"
-    # output stride of the feature map: 8 (28x28 at 224), 16 (14x14), 32 (7x7); the released code's
-    # geometry by default (8; the vgg16 preset: 16, the only stride VGG16-CAM has)
-    feature_stride: int = 8
-    pretrained: str | None = None
-    # "paper" (the paper's text) or "authors" (the released training code point by point); see docs/usage.md
-    recipe: str = "paper"
-    image_size: int = 224  # crop size C; train resize R = round(C * 8 / 7) (256 at 224)
-    vertical_flip: bool = False  # the authors' extra train-time vertical flip (recipe: authors)
-    # train-time flips before the random crop (the released code's order) instead of after it
-    flip_before_crop: bool = False
-    # what Stage II's optimizer step moves: "fc_weight" (the paper: fc.weight and its momentum only)
-    # or "all" (the released code: zero gradients elsewhere, so weight decay and momentum move every
-    # parameter a second time per batch)
-    stage2_step: str = "fc_weight"
-    conv6_init: str = "kaiming"  # VGG16-CAM's conv6: "kaiming" (He normal, zero bias) or "default"
-    set_size: int = 5  # S images per set
-    sets_per_batch: int = 12  # N distinct classes per batch
-    sample_with_replacement: bool = False
-    lambda_crr: float = 1.0
-    lambda_frr: float = 1.0
-    stage2_mask: str = "image"  # "feature": the paper's Table 3 ablation, f = g(F * H)
-    init: str | None = None  # start from this checkpoint's model weights (optimizer and schedule afresh)
-    epochs: int = 10
-    lr: float = 1e-4  # backbone; new layers (fc, conv6) use lr * classifier_lr_mult
-    classifier_lr_mult: float = 10.0
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_milestones: list[int] = field(default_factory=list)  # epochs at which lr *= lr_gamma
-    lr_gamma: float = 0.1
-    seed: int = 0
-    workers: int = 2
-    loader: str = "auto"  # auto (DALI when installed and the data are files), dali, torch
-    device: str = "cpu"
-    impl: str = "fast"  # or "reference": the plain-PyTorch step every fast path is tested against
-    amp: str = "auto"  # fast engine: auto (bf16 where supported), bf16, fp16 (with GradScaler), off
-    # fast engine: torch.compile the Stage I and Stage II computations; None = on CUDA only (on a
-    # 2-core CPU compiling takes minutes, more than it saves in a short run)
-    compile: bool | None = None
-    channels_last: bool = True  # fast engine: channels-last memory format end to end
-    cuda_graphs: bool = True  # fast engine on CUDA: Stage II replayed from CUDA graphs
-    fold_bn: bool = True  # fast engine under autocast: Stage II's eval-mode BatchNorm folded into convs
-    bad_images: str = "error"  # or "skip": substitute another image of the same class, counted
-    log_every: int = 10
-    eval_every: int = 1  # epochs; 0 disables per-epoch validation
-    cam_curve_interval: float = 0.01
-    max_steps_per_epoch: int | None = None  # cut epochs short (smoke runs, CI)
-    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: at the end of epochs only)
-    resume: str | None = None  # "auto" (the newest complete checkpoint of --out, if any) or a file
-    overwrite: bool = False  # start over in an --out that holds a run (its run files are removed)
-    max_nonfinite_steps: int = 20  # stop after this many consecutive non-finite losses (0: never)
-    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm (Stage I batch statistics over all ranks)
-    dist_timeout_min: float = 60.0  # torchrun: collective timeout (rank 0 validates while others wait)
-    # the run folder; None: a new one, runs/<data>-<backbone>-<date>-<time> (under torchrun named
-    # after the run id, the same on every rank and after a restart)
-    out: str | None = None
+    Each field carries its ``--help`` text and its section (:data:`SECTIONS`); a ``Literal`` type is
+    the field's choices, checked by :meth:`validate` and offered by the CLI.
+    """
+
+    # -- data
+    data: DataName = option("synthetic", "data",
+        "data set: synthetic, tiny-imagenet, voc, cub, imagenet, openimages")
+    data_root: str | None = option(None, "data",
+        "image root of the data set (synthetic: where to generate it)")
+    metadata_root: str | None = option(None, "data",
+        "WSOL metadata root",
+        none_means="per data set, see docs/data.md")
+    image_size: int = option(224, "data", "crop size; the train resize is round(size * 8 / 7)")
+    vertical_flip: bool = option(False, "data",
+        "add the authors' random vertical flip to the train transform")
+    flip_before_crop: bool = option(False, "data",
+        "train-time flips before the random crop (the released code's order)")
+    set_size: int = option(5, "data", "S, images per set (one class per set)")
+    sets_per_batch: int = option(12, "data", "N, distinct classes per batch; batch = N * S")
+    sample_with_replacement: bool = option(False, "data",
+        "allow classes with fewer than S images (sampled with replacement)")
+    workers: int = option(2, "data", "data loader worker processes (0: load in the training process)")
+    loader: Literal['auto', 'dali', 'torch'] = option("auto", "data",
+        "data loading backend: auto (DALI when installed), dali, torch")
+    bad_images: Literal['error', 'skip'] = option("error", "data",
+        "unreadable image: error (stop, naming the file) or skip (substitute, counted)")
+
+    # -- model
+    backbone: str = option("resnet18", "model",
+        "vgg16, resnet50, mobilenet_v2 or resnet18 (the _cam suffix is optional)")
+    feature_stride: int = option(8, "model",
+        "output stride of the feature map: 8 (28x28 at 224), 16 (14x14), 32 (7x7, torchvision's); the "
+        "default is the released code's geometry (vgg16: 16 only)")
+    pretrained: str | None = option(None, "model",
+        "local torchvision state dict for the backbone (never downloaded)",
+        none_means="none, random init")
+    conv6_init: Literal['kaiming', 'default'] = option("kaiming", "model",
+        "VGG16-CAM's conv6 initialisation: kaiming (He normal, zero bias) or default (PyTorch's)")
+    init: str | None = option(None, "model",
+        "start from this checkpoint's model weights (backbone and fc); optimizer, schedule and step count "
+        "start afresh (unlike --resume)")
+
+    # -- method
+    recipe: Recipe = option("paper", "method",
+        "paper (the paper's text) or authors (the released training code: Stage II step on every "
+        "parameter, vertical flip, flips before the crop, default conv6 init, lambda 1/1, N 5)")
+    lambda_crr: float = option(1.0, "method",
+        "weight of the common region regularization (0 and 0 = plain CAM)")
+    lambda_frr: float = option(1.0, "method", "weight of the full region regularization")
+    stage2_mask: Literal['image', 'feature'] = option("image", "method",
+        "where Stage II applies the CAM: image (the method) or feature (the paper's Table 3 ablation, f = "
+        "g(F * H))")
+    stage2_step: Stage2Step = option("fc_weight", "method",
+        "what Stage II's step moves: fc_weight (the paper) or all (the released code: weight decay and "
+        "momentum on every parameter)")
+
+    # -- optimisation
+    epochs: int = option(10, "optimisation", "training epochs")
+    lr: float = option(0.0001, "optimisation", "learning rate of the backbone")
+    classifier_lr_mult: float = option(10.0, "optimisation", "lr multiplier of the new layers (fc, conv6)")
+    momentum: float = option(0.9, "optimisation", "SGD momentum")
+    nesterov: bool = option(True, "optimisation", "SGD with Nesterov momentum")
+    weight_decay: float = option(0.0005, "optimisation", "SGD weight decay")
+    lr_milestones: list[int] = option([], "optimisation",
+        "epochs at which the lr is multiplied by --lr-gamma")
+    lr_gamma: float = option(0.1, "optimisation", "lr multiplier at each of --lr-milestones")
+    seed: int = option(0, "optimisation",
+        "random seed of the weights, the set sampler and the augmentations (torchrun: each rank derives "
+        "its own from it)")
+
+    # -- engine
+    device: str = option("cpu", "engine", "cpu or cuda (torchrun: cuda is each rank's local GPU)")
+    impl: Literal['fast', 'reference'] = option("fast", "engine",
+        "step implementation: fast (channels-last, AMP, compile, fused kernels) or reference")
+    amp: Literal['auto', 'bf16', 'fp16', 'off'] = option("auto", "engine",
+        "fast engine autocast: auto (bf16 where the hardware has it), bf16, fp16 (GradScaler), off")
+    # on a 2-core CPU compiling takes minutes, more than it saves in a short run
+    compile: bool | None = option(None, "engine",
+        "fast engine: torch.compile Stage I and II",
+        none_means="on CUDA only")
+    channels_last: bool = option(True, "engine", "fast engine: channels-last memory format")
+    cuda_graphs: bool = option(True, "engine",
+        "fast engine on CUDA: replay Stage II from CUDA graphs (compile mode reduce-overhead)")
+    fold_bn: bool = option(True, "engine",
+        "fast engine under autocast (bf16/fp16): fold Stage II's eval-mode BatchNorm into the "
+        "convolutions before it")
+    sync_bn: bool = option(False, "engine",
+        "torchrun on GPUs: SyncBatchNorm, Stage I batch statistics over all ranks")
+    dist_timeout_min: float = option(60.0, "engine",
+        "torchrun: collective timeout in minutes (rank 0 validates while the others wait)")
+
+    # -- run
+    log_every: int = option(10, "run", "steps between metric flushes to metrics.jsonl")
+    eval_every: int = option(1, "run", "epochs between validations (0: only the final test)")
+    cam_curve_interval: float = option(0.01, "run",
+        "step of the CAM thresholds the localization metrics sweep")
+    max_steps_per_epoch: int | None = option(None, "run",
+        "cut every epoch to this many steps (smoke runs)",
+        none_means="none, whole epochs")
+    checkpoint_every: int = option(0, "run",
+        "also write checkpoints/last.pt every N steps within an epoch (0: epoch ends only)")
+    resume: str | None = option(None, "run",
+        "continue a run: 'auto' (the newest complete checkpoint in --out, else start afresh) or a "
+        "checkpoint file")
+    overwrite: bool = option(False, "run",
+        "start over in an --out that already holds a run (removes its logs, final metrics and "
+        "checkpoints); without it such an --out is refused")
+    max_nonfinite_steps: int = option(20, "run",
+        "stop with an error after this many consecutive steps with a NaN/inf loss (each is skipped and "
+        "counted; 0: never stop)")
+    # None: a new one, runs/<data>-<backbone>-<date>-<time> (under torchrun named after the run id, the
+    # same on every rank and after a restart)
+    out: str | None = option(None, "run",
+        "run folder (config.yaml, metrics.jsonl, val_metrics.jsonl, checkpoints/, final_metrics.json, "
+        "curves.png); one that holds a run is refused unless --resume or --overwrite",
+        none_means="a new runs/<data>-<backbone>-<date>-<time>")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,24 +198,21 @@ class TrainConfig:
         return cls(**values)
 
     def validate(self) -> None:
+        """Every rule once: a Literal field's choices, then the bounds."""
+        for name, choices in literal_choices().items():
+            if getattr(self, name) not in choices:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         checks = [
             (self.sets_per_batch >= 1, "--sets-per-batch must be at least 1"),
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (self.lambda_crr >= 0 and self.lambda_frr >= 0, "--lambda-crr/--lambda-frr must be >= 0"),
             (self.image_size >= 16, "--image-size must be at least 16"),
-            (self.bad_images in ("error", "skip"), "--bad-images must be 'error' or 'skip'"),
-            (self.stage2_mask in ("image", "feature"), "--stage2-mask must be 'image' or 'feature'"),
-            (self.impl in ("fast", "reference"), "--impl must be 'fast' or 'reference'"),
-            (self.amp in ("auto", "bf16", "fp16", "off"), "--amp must be one of auto, bf16, fp16, off"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: at the end of epochs only)"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0 (0: never stop)"),
             (self.dist_timeout_min > 0, "--dist-timeout-min must be positive"),
             (self.resume is None or self.resume != "", "--resume takes 'auto' or a checkpoint file"),
-            (self.recipe in RECIPES, f"--recipe must be one of {', '.join(RECIPES)}"),
-            (self.stage2_step in STAGE2_STEPS,
-             f"--stage2-step must be one of {', '.join(STAGE2_STEPS)}"),
-            (self.conv6_init in ("kaiming", "default"), "--conv6-init must be 'kaiming' or 'default'"),
         ]
         for ok, message in checks:
             if not ok:
@@ -170,7 +243,6 @@ _DATA_PRESETS: dict[str, dict[str, Any]] = {
     "synthetic": {"epochs": 6, "lr_milestones": [5], "image_size": 64, "sets_per_batch": 4,
                   "lr": 0.01, "classifier_lr_mult": 1.0},
 }
-STAGE2_STEPS = ("fc_weight", "all")
 # The recipes (--recipe). "paper": what the paper states, where the released code differs from it.
 # "authors": the released training code wherever the paper does not say otherwise: its Stage II step
 # as it runs under the PyTorch 1.x it was written for (zero_grad() leaves zero gradients, so weight
@@ -183,6 +255,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     "authors": {"vertical_flip": True, "flip_before_crop": True, "stage2_step": "all",
                 "conv6_init": "default", "lambda_crr": 1.0, "lambda_frr": 1.0, "sets_per_batch": 5},
 }
+
+
+def literal_choices() -> dict[str, tuple[str, ...]]:
+    """The choices of every ``Literal`` field of :class:`TrainConfig` (the CLI offers them)."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {name: typing.get_args(kind) for name, kind in hints.items() if typing.get_origin(kind) is Literal}
 
 
 def default_run_folder(data: str, backbone: str) -> str:

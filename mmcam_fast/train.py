@@ -24,77 +24,10 @@ from mmcam_fast.cli import ArgumentParser, add_dataclass_flags, console_entry
 from mmcam_fast.config import _BACKBONE_PRESETS, _DATA_PRESETS, TrainConfig, build_config, preset
 from mmcam_fast.errors import ConfigError
 
-_HELP = {
-    "data": "data set: synthetic, tiny-imagenet, voc, cub, imagenet, openimages",
-    "data_root": "image root of the data set (synthetic: where to generate it)",
-    "metadata_root": "WSOL metadata root",
-    "backbone": "vgg16, resnet50, mobilenet_v2 or resnet18 (the _cam suffix is optional)",
-    "feature_stride": "output stride of the feature map: 8 (28x28 at 224), 16 (14x14), 32 (7x7, "
-                      "torchvision's); the default is the released code's geometry (vgg16: 16 only)",
-    "recipe": "paper (the paper's text) or authors (the released training code: Stage II step on every "
-              "parameter, vertical flip, flips before the crop, default conv6 init, lambda 1/1, N 5)",
-    "flip_before_crop": "train-time flips before the random crop (the released code's order)",
-    "stage2_step": "what Stage II's step moves: fc_weight (the paper) or all (the released code: weight "
-                   "decay and momentum on every parameter)",
-    "conv6_init": "VGG16-CAM's conv6 initialisation: kaiming (He normal, zero bias) or default (PyTorch's)",
-    "pretrained": "local torchvision state dict for the backbone (never downloaded)",
-    "image_size": "crop size; the train resize is round(size * 8 / 7)",
-    "vertical_flip": "add the authors' random vertical flip to the train transform",
-    "set_size": "S, images per set (one class per set)",
-    "sets_per_batch": "N, distinct classes per batch; batch = N * S",
-    "sample_with_replacement": "allow classes with fewer than S images (sampled with replacement)",
-    "lambda_crr": "weight of the common region regularization (0 and 0 = plain CAM)",
-    "lambda_frr": "weight of the full region regularization",
-    "stage2_mask": "where Stage II applies the CAM: image (the method) or feature (the paper's Table 3 "
-                   "ablation, f = g(F * H))",
-    "init": "start from this checkpoint's model weights (backbone and fc); optimizer, schedule and "
-            "step count start afresh (unlike --resume)",
-    "epochs": "training epochs",
-    "lr": "learning rate of the backbone",
-    "classifier_lr_mult": "lr multiplier of the new layers (fc, conv6)",
-    "momentum": "SGD momentum",
-    "nesterov": "SGD with Nesterov momentum",
-    "weight_decay": "SGD weight decay",
-    "lr_milestones": "epochs at which the lr is multiplied by --lr-gamma",
-    "lr_gamma": "lr multiplier at each of --lr-milestones",
-    "seed": "random seed of the weights, the set sampler and the augmentations (torchrun: each rank "
-            "derives its own from it)",
-    "workers": "data loader worker processes (0: load in the training process)",
-    "loader": "data loading backend: auto (DALI when installed), dali, torch",
-    "device": "cpu or cuda (torchrun: cuda is each rank's local GPU)",
-    "impl": "step implementation: fast (channels-last, AMP, compile, fused kernels) or reference",
-    "amp": "fast engine autocast: auto (bf16 where the hardware has it), bf16, fp16 (GradScaler), off",
-    "compile": "fast engine: torch.compile Stage I and II",
-    "channels_last": "fast engine: channels-last memory format",
-    "cuda_graphs": "fast engine on CUDA: replay Stage II from CUDA graphs (compile mode reduce-overhead)",
-    "fold_bn": "fast engine under autocast (bf16/fp16): fold Stage II's eval-mode BatchNorm into the "
-               "convolutions before it",
-    "bad_images": "unreadable image: error (stop, naming the file) or skip (substitute, counted)",
-    "log_every": "steps between metric flushes to metrics.jsonl",
-    "eval_every": "epochs between validations (0: only the final test)",
-    "cam_curve_interval": "step of the CAM thresholds the localization metrics sweep",
-    "max_steps_per_epoch": "cut every epoch to this many steps (smoke runs)",
-    "checkpoint_every": "also write checkpoints/last.pt every N steps within an epoch (0: epoch ends only)",
-    "overwrite": "start over in an --out that already holds a run (removes its logs, final metrics and "
-                 "checkpoints); without it such an --out is refused",
-    "resume": "continue a run: 'auto' (the newest complete checkpoint in --out, else start afresh) or a "
-              "checkpoint file",
-    "max_nonfinite_steps": "stop with an error after this many consecutive steps with a NaN/inf loss "
-                           "(each is skipped and counted; 0: never stop)",
-    "sync_bn": "torchrun on GPUs: SyncBatchNorm, Stage I batch statistics over all ranks",
-    "dist_timeout_min": "torchrun: collective timeout in minutes (rank 0 validates while the others wait)",
-    "out": "run folder (config.yaml, metrics.jsonl, val_metrics.jsonl, checkpoints/, final_metrics.json, "
-           "curves.png); one that holds a run is refused unless --resume or --overwrite",
-}
-
-# What a default of None means, where "none" would not say it.
-_NONE_MEANS = {
-    "metadata_root": "per data set, see docs/data.md",
-    "pretrained": "none, random init",
-    "compile": "on CUDA only",
-    "max_steps_per_epoch": "none, whole epochs",
-    "out": "a new runs/<data>-<backbone>-<date>-<time>",
-}
+# Each field's --help text and what a default of None means, from the config's own fields
+_FIELDS = dataclasses.fields(TrainConfig)
+_HELP = {f.name: f.metadata["help"] for f in _FIELDS}
+_NONE_MEANS = {f.name: f.metadata["none_means"] for f in _FIELDS if f.metadata.get("none_means")}
 
 
 def _value_text(value: Any, none_text: str = "none") -> str:
@@ -216,7 +149,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The train parser; its help shows the defaults resolved for the --data/--backbone in ``argv``."""
     parser = ArgumentParser(prog="mmcam_fast.train", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of config keys")
-    add_dataclass_flags(parser, TrainConfig, _HELP, help_defaults(*_help_pair(argv)))
+    add_dataclass_flags(parser, TrainConfig, help_defaults(*_help_pair(argv)))
     return parser
 
 
