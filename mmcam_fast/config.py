@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from mmcam_kernels import MIN_SET_SIZE
 
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.evaluation.thresholds import check_cam_curve_interval
 from mmcam_fast.models.backbones import REGISTRY, backbone_name, check_feature_stride
+from mmcam_fast.rules import check_cam_curve_interval, check_set_size
 
 SECTIONS = ("data", "model", "method", "optimisation", "engine", "run")  # the --help groups, in order
 
@@ -218,9 +217,7 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         check_cam_curve_interval(self.cam_curve_interval)  # the evaluators' own rule
-        if self.set_size < MIN_SET_SIZE:  # the kernels' rule (mmcam_kernels.check_set_size)
-            raise ConfigError(f"--set-size must be at least {MIN_SET_SIZE} (CRR compares images within a "
-                              f"set), got {self.set_size}")
+        check_set_size(self.set_size)  # the kernels' bound
 
 
 # Presets from the paper per backbone live in its registry entry (mmcam_fast.models.backbones.REGISTRY:

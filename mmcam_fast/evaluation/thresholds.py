@@ -7,20 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from mmcam_fast.errors import ConfigError
+from mmcam_fast.rules import check_cam_curve_interval
 
 IMPLS = ("fast", "reference")
 DEFAULT_IOU_THRESHOLDS = (30, 50, 70)
-
-
-def check_cam_curve_interval(cam_curve_interval: float, flag: str = "--cam-curve-interval") -> float:
-    """The one rule for the CAM threshold spacing, for every entry point: a number in (0, 1).
-
-    Raises:
-        ConfigError: naming ``flag``.
-    """
-    if not 0 < cam_curve_interval < 1:
-        raise ConfigError(f"{flag} must be in (0, 1), got {cam_curve_interval}")
-    return cam_curve_interval
 
 
 def cam_thresholds(cam_curve_interval: float = 0.01) -> np.ndarray:

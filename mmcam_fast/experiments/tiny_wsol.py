@@ -35,6 +35,7 @@ from typing import Any
 from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.config import preset
 from mmcam_fast.errors import ConfigError
+from mmcam_fast.experiments import tiny_wsol_report
 from mmcam_fast.experiments.execute import run_all
 from mmcam_fast.experiments.plan import Run
 from mmcam_fast.run_folder import atomic_write_text
@@ -535,9 +536,10 @@ def main(argv: list[str] | None = None) -> None:
             jobs=jobs,
             kind="gate" if args.action == "gate" else "study",
         )
-    from mmcam_fast.experiments import tiny_wsol_report
+    def prepare(name: str) -> Path:
+        return BENCHMARKS[name].prepare(args.shared, DATA_CACHE)
 
-    tiny_wsol_report.write_report(args.report_dir, args.shared, args.out)
+    tiny_wsol_report.write_report(args.report_dir, prepare, args.out)
 
 
 cli = console_entry(main, "mmcam-tiny-wsol")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ def _cell(mean: float, std: float, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def centre_priors(shared: Path, report_dir: Path, names: set[str]) -> dict[str, dict[str, Any]]:
+def centre_priors(prepare: Callable[[str], Path], report_dir: Path, names: set[str]
+                  ) -> dict[str, dict[str, Any]]:
     """The centred-Gaussian baseline on the val and test splits of the benchmarks ``names`` (cached in
     the report dir, so the report can be rebuilt without the data)."""
     cache = report_dir / "centre_prior.json"
@@ -87,14 +89,13 @@ def centre_priors(shared: Path, report_dir: Path, names: set[str]) -> dict[str, 
     from mmcam_fast.data.metadata import load_metadata
     from mmcam_fast.errors import MMCamError
     from mmcam_fast.experiments.report import centre_prior
-    from mmcam_fast.experiments.tiny_wsol import BENCHMARKS, DATA_CACHE
 
     changed = False
-    for name, benchmark in BENCHMARKS.items():
-        if name in priors or name not in names:
+    for name in sorted(names):
+        if name in priors:
             continue
         try:
-            root = benchmark.prepare(shared, DATA_CACHE)
+            root = prepare(name)
         except MMCamError:
             continue  # no data here: the report keeps what it has
         priors[name] = {
@@ -379,13 +380,12 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_overlays(out: Path, rows: list[dict[str, Any]], shared: Path, path: Path, count: int = 8) -> bool:
+def plot_overlays(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str], Path], path: Path,
+                  count: int = 8) -> bool:
     """The same test images under CAM and MinMaxCAM (seed 0, WSOL-20, ResNet18), when both run folders
     are here (they are not committed; the figure is)."""
     from mmcam_fast.experiments.plan import Run
     from mmcam_fast.experiments.report import plot_overlays as draw
-    from mmcam_fast.experiments.tiny_wsol import BENCHMARKS, DATA_CACHE
-
     found = {}
     for row in rows:
         if (row["benchmark"], row["backbone"], row["seed"]) == ("wsol20", "resnet18", 0) and row[
@@ -394,26 +394,32 @@ def plot_overlays(out: Path, rows: list[dict[str, Any]], shared: Path, path: Pat
             folder = out / "wsol20" / "resnet18" / f"{row['key']}-{row['config_hash']}"
             if (folder / "checkpoints" / "best.pt").is_file():
                 found[row["variant"]] = Run(row["variant"], 0, folder, {})
-    if len(found) < 2 or shared is None:
+    if len(found) < 2:
         return False
     from mmcam_fast.data.loaders import build_datasets
+    from mmcam_fast.errors import MMCamError
 
-    root = BENCHMARKS["wsol20"].prepare(shared, DATA_CACHE)
+    try:
+        root = prepare("wsol20")
+    except MMCamError:  # no data here: the committed figure stays
+        return False
     test = build_datasets("tiny-imagenet", root, image_size=64).test
     draw(found["cam"], found["minmaxcam"], test, path, count)
     return True
 
 
-def write_report(report_dir: Path, shared: Path, out: Path) -> Path:
+def write_report(report_dir: Path, prepare: Callable[[str], Path], out: Path) -> Path:
+    """The report from the rows; ``prepare(benchmark)`` gives a prepared benchmark's folder (or raises
+    an MMCamError where the data are not at hand) for the centred-Gaussian baseline and the overlays."""
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = load_rows(report_dir / "rows")
     gate = load_rows(report_dir / "gate" / "rows")
-    priors = centre_priors(shared, report_dir, {r["benchmark"] for r in rows + gate})
+    priors = centre_priors(prepare, report_dir, {r["benchmark"] for r in rows + gate})
     tables, summary = main_tables(rows, priors)
     figures = {
         "sweeps.png": plot_sweeps(rows, priors, report_dir / "sweeps.png"),
         "curves.png": plot_curves(rows, report_dir / "curves.png"),
-        "overlays.png": plot_overlays(out, rows, shared, report_dir / "overlays.png"),
+        "overlays.png": plot_overlays(out, rows, prepare, report_dir / "overlays.png"),
     }
     if summary:
         with (report_dir / "summary.csv").open("w", newline="") as handle:
