@@ -19,7 +19,9 @@ SCRIPTS = {"train": ("mmcam-train", "mmcam_fast.train"),
            "evaluate": ("mmcam-evaluate", "mmcam_fast.evaluate"),
            "localize": ("mmcam-localize", "mmcam_fast.localize"),
            "prepare": ("mmcam-prepare", "mmcam_fast.data.prepare"),
-           "experiments": ("mmcam-experiments", "mmcam_fast.experiments")}
+           "experiments": ("mmcam-experiments", "mmcam_fast.experiments"),
+           "pretrain": ("mmcam-pretrain", "mmcam_fast.pretrain"),
+           "tiny-wsol": ("mmcam-tiny-wsol", "mmcam_fast.experiments.tiny_wsol")}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,9 @@ def bad_inputs(tmp_path_factory):
         "prepare": [(["voc", "--out", str(root / "p")], "--src"),
                     (["voc", "--src", str(root / "nowhere"), "--out", str(root / "p")], "nowhere")],
         "experiments": [(["--src", str(root), "--jobs", "0"], "--jobs")],
+        "pretrain": [(["--data-root", str(root), "--arch", "vgg", "--out", str(root / "pt")], "--arch 'vgg'")],
+        "tiny-wsol": [(["study", "--shared", str(root), "--jobs", "0"], "--jobs"),
+                      (["gate", "--shared", str(root), "--recipes", "nope"], "--recipes")],
     }
 
 

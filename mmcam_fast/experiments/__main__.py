@@ -21,7 +21,7 @@ from pathlib import Path
 from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import report
-from mmcam_fast.experiments.execute import run_all
+from mmcam_fast.experiments.execute import add_jobs_flag, resolve_jobs, run_all
 from mmcam_fast.experiments.plan import IMAGE_SIZE, Schedule, build_plan, select_variants
 
 
@@ -44,22 +44,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pretrain-epochs", type=int, default=Schedule.pretrain_epochs)
     parser.add_argument("--epochs", type=int, default=Schedule.epochs, help="fine-tuning epochs per variant")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs (smoke runs)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="training processes at once, one core each (default: one per available core)")
+    add_jobs_flag(parser)
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
     parser.add_argument("--no-dispersion", action="store_true", help="skip the dispersion analysis")
     parser.add_argument("--overlay-images", type=int, default=8)
     args = parser.parse_args(argv)
     if args.pretrain_epochs < 1 or args.epochs < 2:
         raise ConfigError("--pretrain-epochs must be >= 1 and --epochs >= 2 (the last epoch runs at lr / 10)")
-    if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    args.jobs = resolve_jobs(args.jobs)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     from mmcam_fast.data.prepare import ensure_prepared
-    from mmcam_fast.evaluation.parallel import available_cores
 
     args = parse_args(argv)
     try:
@@ -73,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     # converted once here, before the training processes start (they would race on the cache)
     data_root = ensure_prepared("tiny-imagenet", args.src, args.out / "data")
     pretrain, runs = build_plan(args.out, data_root, args.seeds, schedule, variants)
-    jobs = args.jobs or available_cores()
+    jobs = args.jobs
     began = time.perf_counter()
     if not args.report_only:
         for stage in (pretrain, runs):

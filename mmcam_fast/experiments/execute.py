@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments.plan import Run
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -36,6 +37,21 @@ def _start(run: Run, threads: int) -> subprocess.Popen:
     command = _command(run)
     with (run.folder / "train.log").open("a") as log:  # the child keeps its own copy of the handle
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def add_jobs_flag(parser) -> None:
+    """``--jobs``, the training processes a study runs at once (see :func:`resolve_jobs`)."""
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="training processes at once, one core each (default: one per available core)")
+
+
+def resolve_jobs(jobs: int | None) -> int:
+    """``--jobs``: at least 1; None is one per core this process may use."""
+    from mmcam_fast.evaluation.parallel import available_cores
+
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    return jobs or available_cores()
 
 
 def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print,

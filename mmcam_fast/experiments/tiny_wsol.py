@@ -36,7 +36,7 @@ from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.config import preset
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import tiny_wsol_report
-from mmcam_fast.experiments.execute import run_all
+from mmcam_fast.experiments.execute import add_jobs_flag, resolve_jobs, run_all
 from mmcam_fast.experiments.plan import Run
 from mmcam_fast.run_folder import atomic_write_text
 
@@ -473,26 +473,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     smoke = parser.add_argument_group("cut-down runs (tests; their rows carry another config hash)")
     smoke.add_argument("--epochs", type=int, default=None, help="instead of the recipe's")
     smoke.add_argument("--max-steps-per-epoch", type=int, default=None)
-    parser.add_argument(
-        "--jobs",
-        type=int,
-        default=None,
-        help="training processes at once, one core each (default: one per core)",
-    )
+    add_jobs_flag(parser)
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     args = parser.parse_args(argv)
     if args.shared is None and args.action != "report":
         raise ConfigError("--shared: the data folder is needed (or set MMCAM_SHARED_DATA)")
-    if args.jobs is not None and args.jobs < 1:
-        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    args.jobs = resolve_jobs(args.jobs)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mmcam_fast.evaluation.parallel import available_cores
-
     args = parse_args(argv)
-    jobs = args.jobs or available_cores()
+    jobs = args.jobs
     recipe = RECIPE
     if args.epochs is not None or args.max_steps_per_epoch is not None:
         epochs = args.epochs or recipe.epochs
