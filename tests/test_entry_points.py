@@ -51,7 +51,8 @@ def bad_inputs(tmp_path_factory):
         "prepare": [(["voc", "--out", str(root / "p")], "--src"),
                     (["voc", "--src", str(root / "nowhere"), "--out", str(root / "p")], "nowhere")],
         "experiments": [(["--src", str(root), "--jobs", "0"], "--jobs")],
-        "pretrain": [(["--data-root", str(root), "--arch", "vgg", "--out", str(root / "pt")], "--arch 'vgg'")],
+        "pretrain": [(["--data-root", str(root), "--arch", "vgg", "--out", str(root / "pt")],
+                      "--arch 'vgg'")],
         "tiny-wsol": [(["study", "--shared", str(root), "--jobs", "0"], "--jobs"),
                       (["gate", "--shared", str(root), "--recipes", "nope"], "--recipes")],
     }
