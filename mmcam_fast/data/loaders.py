@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mmcam_fast.config import DATA_NAMES
+from mmcam_fast.data.catalogue import BENCHMARK_FOLDERS, DATA_NAMES
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, describe_unreadable, load_rgb
 from mmcam_fast.data.metadata import WSOLMetadata, load_metadata
@@ -59,7 +59,6 @@ from mmcam_fast.errors import ConfigError, DataError, MMCamError
 
 BACKENDS = ("auto", "dali", "torch")
 SPLITS = ("train", "val", "test")
-_BENCHMARK_FOLDERS = {"cub": "CUB", "imagenet": "ILSVRC", "openimages": "OpenImages"}
 DEFAULT_CACHE_ROOT = Path("runs/data")
 
 
@@ -79,10 +78,10 @@ class DataSplits:
 # -- metadata --------------------------------------------------------------------------------------
 
 def _split_folder(metadata_root: Path, data: str, split: str) -> Path:
-    for folder in (metadata_root / split, metadata_root / _BENCHMARK_FOLDERS.get(data, "") / split):
+    for folder in (metadata_root / split, metadata_root / BENCHMARK_FOLDERS.get(data, "") / split):
         if (folder / "image_ids.txt").exists():
             return folder
-    raise DataError(f"{metadata_root}: no {split}/image_ids.txt (nor {_BENCHMARK_FOLDERS.get(data, '')}/"
+    raise DataError(f"{metadata_root}: no {split}/image_ids.txt (nor {BENCHMARK_FOLDERS.get(data, '')}/"
                     f"{split}/image_ids.txt); check --metadata-root")
 
 

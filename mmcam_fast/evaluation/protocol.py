@@ -20,14 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
+from mmcam_fast.data.catalogue import BENCHMARK_FOLDERS, PREPARED_DATA
 from mmcam_fast.data.metadata import WSOLMetadata
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation.box_evaluator import BoxEvaluator, accumulate_boxes
 from mmcam_fast.evaluation.mask_evaluator import MaskEvaluator
 from mmcam_fast.evaluation.thresholds import DEFAULT_IOU_THRESHOLDS
 
-BENCHMARKS = {"cub": "CUB", "ilsvrc": "ILSVRC", "imagenet": "ILSVRC", "openimages": "OpenImages"}
-PREPARED_DATASETS = ("synthetic", "tiny-imagenet", "voc")
+# --dataset names (case-insensitive): the benchmarks by their --data name or metadata folder name
+BENCHMARKS = {**BENCHMARK_FOLDERS, **{folder.lower(): folder for folder in BENCHMARK_FOLDERS.values()}}
+PREPARED_DATASETS = PREPARED_DATA
 DATASETS = {**BENCHMARKS, **{name: name for name in PREPARED_DATASETS}}
 MASK_DATASETS = ("OpenImages",)
 MAXBOXACC_IOU = 50
