@@ -133,11 +133,11 @@ class _Loader(LoaderPosition):
     def __init__(self, sampler):
         self.batch_sampler = sampler
         self.epoch = 0
-        self._consumed = 0
+        self.consumed = 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
-        self._consumed = 0
+        self.consumed = 0
         if self.batch_sampler is not None:
             self.batch_sampler.set_epoch(epoch)
 
@@ -148,13 +148,13 @@ def test_loader_position_saves_and_restores_the_sampler_at_the_consumed_batch():
     loader.set_epoch(2)
     batches = iter(sampler)
     next(batches), next(batches), next(batches)  # the sampler ran ahead of the consumer
-    loader._consumed = 1
+    loader.consumed = 1
     state = loader.state_dict()
     assert state["epoch"] == 2 and state["position"] == 1 and state["sampler"]["position"] == 1
 
     resumed = _Loader(SetBatchSampler(_labels([6] * 4), 2, 3, seed=0))
     resumed.load_state_dict(state)
-    assert resumed.epoch == 2 and resumed._consumed == 1 and resumed.batch_sampler.next_position == 1
+    assert resumed.epoch == 2 and resumed.consumed == 1 and resumed.batch_sampler.next_position == 1
     sampler.set_epoch(2)
     assert list(resumed.batch_sampler) == list(sampler)[1:]
 
@@ -162,12 +162,12 @@ def test_loader_position_saves_and_restores_the_sampler_at_the_consumed_batch():
 def test_loader_position_without_a_set_sampler():
     loader = _Loader(None)
     loader.set_epoch(1)
-    loader._consumed = 3
+    loader.consumed = 3
     state = loader.state_dict()
     assert state == {"epoch": 1, "position": 3}
     other = _Loader(None)
     other.load_state_dict({**state, "sampler": {"position": 3}})  # a set sampler's state, ignored
-    assert other.epoch == 1 and other._consumed == 0
+    assert other.epoch == 1 and other.consumed == 0
 
 
 def test_a_forced_slot_goes_to_any_used_up_class():

@@ -207,7 +207,7 @@ class DaliLoader(LoaderPosition):
         self._force_pil: set[int] = set()
         self._warned: set[int] = set()
         self.epoch = 0
-        self._consumed = 0
+        self.consumed = 0
         self.set_epoch(0)
 
     def __len__(self) -> int:
@@ -217,7 +217,7 @@ class DaliLoader(LoaderPosition):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self._consumed = 0
+        self.consumed = 0
         if self.batch_sampler is not None:
             self.batch_sampler.set_epoch(self.epoch)
 
@@ -226,14 +226,14 @@ class DaliLoader(LoaderPosition):
         if self.batch_sampler is not None:
             start = self.batch_sampler.next_position  # where this pass starts (set by a resume)
             self.batch_sampler.set_epoch(self.epoch)  # a later pass starts at 0, as with torch
-        self._consumed = start
+        self.consumed = start
         if start >= self.steps_per_epoch:
             return
         self._align(self.epoch, start)
-        while self._consumed < self.steps_per_epoch:
+        while self.consumed < self.steps_per_epoch:
             batch, outputs = self._next()
             result = self._to_torch(batch, outputs)
-            self._consumed += 1
+            self.consumed += 1
             yield result
 
     def close(self) -> None:

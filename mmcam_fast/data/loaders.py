@@ -298,7 +298,7 @@ class Loader(LoaderPosition):
         self._channels_last = channels_last
         self._return_sizes = return_sizes
         self.epoch = 0
-        self._consumed = 0
+        self.consumed = 0
         self.set_epoch(0)
 
     @property
@@ -310,7 +310,7 @@ class Loader(LoaderPosition):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
-        self._consumed = 0
+        self.consumed = 0
         # Workers seed their RNGs from this generator at each iteration: fixing it per epoch makes an
         # epoch's augmentations a function of (seed, epoch, number of workers).
         seed = np.random.SeedSequence([self._seed, self.epoch]).generate_state(1, np.uint64)[0]
@@ -320,7 +320,7 @@ class Loader(LoaderPosition):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.batch_sampler is not None:
-            self._consumed = self.batch_sampler.next_position  # where this pass starts
+            self.consumed = self.batch_sampler.next_position  # where this pass starts
         iterator = iter(self._loader)
         while True:
             try:
@@ -333,7 +333,7 @@ class Loader(LoaderPosition):
             except Exception:
                 _stop_workers(iterator)
                 raise
-            self._consumed += 1
+            self.consumed += 1
             yield self._finish(batch)
 
     def _finish(self, batch: Any) -> tuple[torch.Tensor, ...]:

@@ -247,19 +247,19 @@ class SetBatchSampler:
 class LoaderPosition:
     """Resume state of a loader driven by a :class:`SetBatchSampler` (the torch and DALI loaders).
 
-    The loader keeps ``epoch``, ``_consumed`` (batches handed out this epoch), ``batch_sampler`` and a
-    ``set_epoch(epoch)`` method of its own; this class turns them into ``state_dict`` /
-    ``load_state_dict``.
+    The contract, public on both loaders: ``epoch``, ``consumed`` (batches handed out this epoch, which
+    the loader counts as it yields), ``batch_sampler`` and ``set_epoch(epoch)``; this class turns them
+    into ``state_dict`` / ``load_state_dict``, the same for both.
     """
 
     epoch: int
-    _consumed: int
+    consumed: int
     batch_sampler: SetBatchSampler | None
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self.epoch, "position": self._consumed}
+        state: dict[str, Any] = {"epoch": self.epoch, "position": self.consumed}
         if self.batch_sampler is not None:
-            state["sampler"] = self.batch_sampler.state_dict(position=self._consumed)
+            state["sampler"] = self.batch_sampler.state_dict(position=self.consumed)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -267,4 +267,4 @@ class LoaderPosition:
         self.set_epoch(state["epoch"])
         if self.batch_sampler is not None and "sampler" in state:
             self.batch_sampler.load_state_dict(state["sampler"])
-            self._consumed = int(state["sampler"]["position"])
+            self.consumed = int(state["sampler"]["position"])
