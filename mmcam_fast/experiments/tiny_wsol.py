@@ -124,6 +124,10 @@ GATE = {
         Recipe("lr0.01-e8", lr=0.01, epochs=8, lr_milestones=(6,)),
         Recipe("lr0.003-e8", lr=0.003, epochs=8, lr_milestones=(6,)),
         Recipe("lr0.03-e4", lr=0.03, epochs=4, lr_milestones=(3,)),
+        # where the stride change happens: layer4 only (stride 16, 4x4 maps at 64 px)
+        Recipe("lr0.01-e4-s16", lr=0.01, epochs=4, lr_milestones=(3,), feature_stride=16),
+        # input resolution: 96 px (12x12 maps at stride 8), 2.3x the cost per step
+        Recipe("lr0.01-e3-r96", lr=0.01, epochs=3, lr_milestones=(2,), image_size=96),
     )
 }
 RECIPE = GATE["lr0.01-e4"]
