@@ -65,3 +65,11 @@ def realistic_scoremaps(n: int, seed: int = 0, gt_boxes: Sequence[Sequence[Seque
         cam = random_cam(rng, size, boxes, noisy=rng.random() < noisy_fraction)
         maps.append(cams_to_scoremaps(torch.from_numpy(cam)[None])[0].numpy())
     return np.stack(maps) if maps else np.zeros((0, SCOREMAP_SIZE, SCOREMAP_SIZE), np.float32)
+
+
+def box_correct_fast(scoremap, gt_boxes, cam_thresholds, iou_thresholds, multi_contour, stats=None):
+    """The fast box rule on a float map, as the evaluators call it: quantize, then the uint8 rules."""
+    from mmcam_fast.evaluation.box_fast import box_correct_fast_u8, to_uint8
+
+    return box_correct_fast_u8(to_uint8(scoremap), gt_boxes, cam_thresholds, iou_thresholds, multi_contour,
+                               stats)

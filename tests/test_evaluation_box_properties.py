@@ -18,17 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scoremap_samples import box_correct_fast
 
 from mmcam_fast.evaluation.box_evaluator import box_correct
-from mmcam_fast.evaluation.box_fast import box_correct_fast_u8, box_correct_fast_u8_rules, to_uint8
+from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference, box_ious_reference, boxes_at_threshold
 from mmcam_fast.evaluation.level_tree import _band
-
-
-def box_correct_fast(scoremap, gt_boxes, cam_thresholds, iou_thresholds, multi_contour, stats=None):
-    """The fast path on a float map, as the evaluators call it: quantize, then the uint8 rules."""
-    return box_correct_fast_u8(to_uint8(scoremap), gt_boxes, cam_thresholds, iou_thresholds, multi_contour,
-                               stats)
 
 CUTS = (30, 50, 70)  # MaxBoxAccV2's IoU thresholds; MaxBoxAcc uses 50 alone
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True, database=None,

@@ -13,13 +13,13 @@ hole pass, tracing) must be exercised.
 import cv2
 import numpy as np
 import pytest
-from scoremap_samples import realistic_scoremaps
+from scoremap_samples import box_correct_fast, realistic_scoremaps
 from shared_data import shared_data_dir
 
 from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
-from mmcam_fast.evaluation.box_fast import box_correct_fast, box_correct_fast_u8_rules, to_uint8
+from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
 from mmcam_fast.evaluation.level_sets import foreground_bbox
 

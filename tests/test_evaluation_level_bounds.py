@@ -17,7 +17,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import numpy as np
-    from mmcam_fast.evaluation.box_fast import box_correct_fast
+    from scoremap_samples import box_correct_fast
     from mmcam_fast.evaluation.box_reference import box_correct_reference
 
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ from mmcam_fast.config import TrainConfig
 from mmcam_fast.engine import Trainer
 from mmcam_fast.minmaxcam import eval_mode, frozen_call
 from mmcam_fast.models import create_model
-from mmcam_fast.models.backbones import mobilenet_v2_cam, vgg16_cam
+from mmcam_fast.models.backbones import backbone_spec
 from mmcam_fast.models.folding import FoldedBackbone
 
 
@@ -100,10 +100,11 @@ def test_bf16_refresh_keeps_the_folded_weights_in_bf16_and_channels_last():
 
 
 def test_mobilenet_folds_every_batchnorm_and_vgg_has_nothing_to_fold():
-    backbone, _ = mobilenet_v2_cam()
+    backbone = backbone_spec("mobilenet_v2").build(8, "kaiming")
     folded = FoldedBackbone.build(backbone)
     assert len(folded.pairs) == sum(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
-    assert FoldedBackbone.build(vgg16_cam()[0]) is None  # VGG16-CAM has no BatchNorm
+    vgg = backbone_spec("vgg16").build(16, "kaiming")
+    assert FoldedBackbone.build(vgg) is None  # VGG16-CAM has no BatchNorm
 
 
 class _Untraceable(nn.Module):
