@@ -17,7 +17,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent("""
     import numpy as np
-    from scoremap_samples import box_correct_fast
+    from mmcam_fast.evaluation.box_fast import box_correct_fast_u8, to_uint8
     from mmcam_fast.evaluation.box_reference import box_correct_reference
 
     rng = np.random.default_rng(0)
@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent("""
         for gt in ([(0, 0, w - 1, h - 1)], [(0, 0, 0, 0)], [(w // 2, h // 2, w - 1, h - 1)]):
             for multi in (False, True):
                 want = box_correct_reference(m, gt, taus, [30, 50, 70], multi)
-                got = box_correct_fast(m, gt, taus, [30, 50, 70], multi)
+                got = box_correct_fast_u8(to_uint8(m), gt, taus, [30, 50, 70], multi)
                 assert np.array_equal(want, got), (m.shape, gt, multi)
     print("bounds ok")
 """)
