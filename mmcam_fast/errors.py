@@ -11,3 +11,7 @@ class DataError(MMCamError):
 
 class ConfigError(MMCamError):
     """A flag, preset or config value is unknown or out of range."""
+
+
+class RunFailed(MMCamError):
+    """A training process that a study started ended with an error (its log names it)."""

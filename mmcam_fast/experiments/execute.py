@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from mmcam_fast.errors import ConfigError
+from mmcam_fast.errors import ConfigError, RunFailed
 from mmcam_fast.experiments.plan import Run
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -61,7 +61,8 @@ def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print,
     ``on_done(run, wall_s)`` is called as each run finishes successfully (while the others go on).
 
     Raises:
-        RuntimeError: a run failed (its ``train.log`` names the error); the others finish first.
+        RunFailed: a run failed (its ``train.log`` names the error); the others finish first. The
+            study's entry point reports it in one line, naming the logs.
     """
     pending = deque(run for run in runs if not run.done)
     skipped = len(runs) - len(pending)
@@ -97,7 +98,8 @@ def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print,
                     on_done(run, walls[str(run.folder)])
         active = still
     if failed:
-        raise RuntimeError("failed runs: " + ", ".join(str(r.folder) for r in failed))
+        raise RunFailed("failed runs (see each folder's train.log): "
+                        + ", ".join(str(r.folder) for r in failed))
     return walls
 
 
