@@ -141,3 +141,15 @@ def test_the_committed_weights_load_into_the_cam_backbone_at_the_wsol_stride(bac
     with torch.no_grad():
         features = model.backbone(torch.zeros(1, 3, 64, 64))
     assert features.shape == (1, channels, 8, 8)  # stride 8 at 64 px (torchvision's own: 32, 2x2)
+
+
+def test_a_failed_run_is_one_error_naming_its_folder(tmp_path):
+    from mmcam_fast.errors import RunFailed
+    from mmcam_fast.experiments.execute import run_all
+    from mmcam_fast.experiments.plan import Run
+
+    bad = Run("bad", 0, tmp_path / "bad", {"backbone": "nope"})
+    finished: list[str] = []
+    with pytest.raises(RunFailed, match=r"failed runs .*bad"):
+        run_all([bad], 1, note=lambda _: None, on_done=lambda run, wall: finished.append(run.name))
+    assert finished == [] and "--backbone 'nope'" in (tmp_path / "bad" / "train.log").read_text()
