@@ -243,24 +243,25 @@ def gate_table(rows: list[dict[str, Any]], priors: dict[str, Any]) -> str:
         return "No gate run yet.\n"
     prior = priors.get("wsol20", {}).get("val")
     lines = [
-        "| backbone | recipe | lr (fc x10) | epochs | decay at | steps | best val MaxBoxAccV2 | "
-        "its MaxBoxAcc | "
-        "its Top-1 Cls | at epoch | last-epoch val V2 / Cls | wall (s) |",
-        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| backbone | recipe | input (px) | stride | lr (fc x10) | epochs | decay at | steps | "
+        "best val MaxBoxAccV2 | its MaxBoxAcc | its Top-1 Cls | at epoch | last-epoch val V2 / Cls | "
+        "wall (s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in sorted(rows, key=lambda r: (r["backbone"], r["recipe"]["name"])):
         best, last = row["val_best"], row["val_history"][-1]
         steps = row["train_curve"][-1]["step"] if row["train_curve"] else 0
         recipe = row["recipe"]
         lines.append(
-            f"| {row['backbone']} | {recipe['name']} | {recipe['lr']:g} | {recipe['epochs']} | "
+            f"| {row['backbone']} | {recipe['name']} | {recipe['image_size']} | {recipe['feature_stride']} | "
+            f"{recipe['lr']:g} | {recipe['epochs']} | "
             f"{','.join(map(str, recipe['lr_milestones']))} | ~{steps} | {best['maxboxacc_v2']:.1f} | "
             f"{best['maxboxacc']:.1f} | {best['top1_cls']:.1f} | {best['epoch']} | "
             f"{last['maxboxacc_v2']:.1f} / {last['top1_cls']:.1f} | {row['wall_s']} |"
         )
     if prior:
         lines.append(
-            f"| - | centred Gaussian (no model) | | | | | {prior['maxboxacc_v2']:.1f} | "
+            f"| - | centred Gaussian (no model) | | | | | | | {prior['maxboxacc_v2']:.1f} | "
             f"{prior['maxboxacc']:.1f} | | | | |"
         )
     return "\n".join(lines) + "\n"
