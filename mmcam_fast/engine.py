@@ -134,9 +134,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._stage1 = self._stage1_forward
         self._stage2 = self._stage2_forward
-        # The step's two implementations, chosen here once: the stages below call these.
-        self._stage1_losses = self._stage1 if self.fast else self._reference_stage1
-        self._stage2_losses = self._fast_stage2 if self.fast else self._reference_stage2
         if self.fast:
             self.kernels = ops.resolve_impl(None, self.device)
             if config.compile or (config.compile is None and self.device.type == "cuda"):
@@ -147,7 +144,9 @@ class Trainer:
                 # in place, so a replay reads Stage I's new weights: no re-capture is needed.
                 mode = "reduce-overhead" if self.device.type == "cuda" and config.cuda_graphs else None
                 self._stage2 = torch.compile(self._stage2_forward, fullgraph=True, mode=mode, dynamic=False)
-                self._stage1_losses = self._stage1
+        # The step's two implementations, chosen here once: the stages call these.
+        self._stage1_losses = self._stage1 if self.fast else self._reference_stage1
+        self._stage2_losses = self._fast_stage2 if self.fast else self._reference_stage2
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
