@@ -50,11 +50,11 @@ def workload() -> tuple[dict, list]:
     return gt, items
 
 
-def evaluate(impl: str, multi: bool, interval: float, items: list, workers: int = 1,
+def evaluate(impl: str, multi: bool, interval: float, items: list, processes: int = 1,
              threads: int | None = 1) -> BoxEvaluator:
     gt, _ = workload()
     evaluator = BoxEvaluator(gt, cam_curve_interval=interval, multi_contour=multi, impl=impl)
-    accumulate_boxes([evaluator], items, workers=workers, check=False, threads=threads)
+    accumulate_boxes([evaluator], items, processes=processes, check=False, threads=threads)
     return evaluator
 
 
@@ -178,7 +178,7 @@ def print_ratios() -> None:
             per_map = [t / len(subset) * 1e3 for t in (ref, one, many)]
             print(f"{name:46s} " + " ".join(f"{t:9.2f} ms" for t in per_map) + f" {ref / many:6.1f}x")
     begin = time.perf_counter()
-    evaluate("fast", True, 0.01, items, workers=2)
+    evaluate("fast", True, 0.01, items, processes=2)
     print(f"multi-contour, interval 0.01, fast, 2 processes: {time.perf_counter() - begin:.2f} s wall "
           f"for {len(items)} maps (worker start-up included)")
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from shared_data import shared_data_dir  # noqa: E402
 
+from mmcam_fast.data.converters import prepare_voc
 from mmcam_fast.data.dali import dali_available
 from mmcam_fast.data.loaders import DataSplits, build_datasets, build_loader, set_batch_sampler
-from mmcam_fast.data.prepare import prepare_voc
 
 DATA = shared_data_dir()
 WORKERS = 2

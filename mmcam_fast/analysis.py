@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mmcam_fast import ops
 from mmcam_fast.data.datasets import WSOLDataset
+from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.models.cam_model import CAMModel
 
 
@@ -39,8 +40,6 @@ def feature_dispersion(model: CAMModel, dataset: WSOLDataset, *, device: torch.d
     Returns:
         ``{"f": {"mean", "std"}, "f_o": {"mean", "std"}, "images": N}`` (std with Bessel's correction).
     """
-    from mmcam_fast.data.loaders import build_loader
-
     model.eval()
     batches, _ = build_loader(dataset, batch_size=batch_size, workers=0, backend="torch")
     f_list, fo_list, label_list = [], [], []

@@ -1,4 +1,5 @@
-"""Localization with a trained CAM model: score maps of a data set, the protocol's metrics, overlays.
+"""Localization with a trained CAM model: score maps of a data set, the protocol's metrics, overlays;
+boxes in a user's own images (``mmcam-localize``).
 
 One pass over an evaluation split computes, per image, the classifier's top-5 classes and the score
 map of the ground-truth class (CAM -> 224x224 bicubic -> min-max), and feeds them to the protocol's
@@ -23,7 +24,9 @@ from mmcam_fast.checkpoint import load_checkpoint
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.images import read_rgb
-from mmcam_fast.errors import DataError
+from mmcam_fast.data.loaders import build_datasets, build_loader
+from mmcam_fast.data.transforms import eval_transform
+from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation import (
     SCOREMAP_SIZE,
     BoxEvaluator,
@@ -32,9 +35,11 @@ from mmcam_fast.evaluation import (
     accumulate_boxes,
     cams_to_scoremaps,
     gt_boxes_224,
+    overlay_image,
     save_scoremaps,
     write_overlays,
 )
+from mmcam_fast.evaluation.box_reference import boxes_at_threshold
 from mmcam_fast.evaluation.overlays import select_overlay_ids
 from mmcam_fast.evaluation.scoremaps import nonfinite_maps
 from mmcam_fast.models import create_model
@@ -43,6 +48,7 @@ from mmcam_fast.models.cam_model import CAMModel
 log = logging.getLogger(__name__)
 
 TOPK = 5
+DEFAULT_THRESHOLD = 0.2  # localize_images' CAM threshold when the checkpoint has none
 
 
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu"
@@ -74,8 +80,6 @@ def predict_scoremaps(model: CAMModel, dataset: WSOLDataset, *, device: torch.de
         stats: if given, ``nonfinite_cams`` (a count) and ``nonfinite_ids`` are added to it: CAMs with
             a NaN or an infinity, whose score maps are all zeros (the protocol's normalisation).
     """
-    from mmcam_fast.data.loaders import build_loader
-
     model.eval()
     batches, _ = build_loader(dataset, batch_size=batch_size, workers=workers, backend=loader)
     for images, labels, indices in batches:
@@ -201,3 +205,73 @@ def image_224(path: Path) -> np.ndarray:
     """The image as the protocol's eval transform sees it: RGB uint8 resized to 224x224."""
     size = (SCOREMAP_SIZE, SCOREMAP_SIZE)
     return cv2.resize(np.asarray(read_rgb(path)), size, interpolation=cv2.INTER_LINEAR)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data: str | None = None,
+                        data_root: str | Path | None = None, metadata_root: str | Path | None = None,
+                        mask_root: str | Path | None = None, device: str = "cpu", batch_size: int = 32,
+                        cam_curve_interval: float = 0.01, iou_thresholds: tuple[int, ...] = (30, 50, 70),
+                        impl: str = "fast", scoremap_root: str | Path | None = None, overlays: int = 0,
+                        overlay_dir: str | Path | None = None) -> dict[str, Any]:
+    """Mode (b) of ``mmcam-evaluate``: the CAMs of a training checkpoint on a split of a data set
+    (by default the checkpoint's own data set and root), evaluated in memory
+    (:func:`evaluate_localization`); the result names the data set, split and checkpoint."""
+    if split not in ("train", "val", "test"):
+        raise ConfigError(f"--split {split!r}: expected train, val or test")
+    model, config, _ = load_trained_model(checkpoint, device)
+    splits = build_datasets(data or config.data, data_root or config.data_root, image_size=config.image_size,
+                            metadata_root=metadata_root or config.metadata_root, mask_root=mask_root)
+    dataset = getattr(splits, split)
+    dataset.transform = splits.test.transform  # evaluation transform, also for the train split
+    result = evaluate_localization(
+        model, dataset, device=device, cam_curve_interval=cam_curve_interval, iou_thresholds=iou_thresholds,
+        batch_size=batch_size, impl=impl, scoremap_root=scoremap_root, overlays=overlays,
+        overlay_dir=overlay_dir)
+    result.update(dataset=data or config.data, split=split, checkpoint=str(checkpoint))
+    return result
+
+
+def localize_images(checkpoint: str | Path, images: list[Path], *, device: str = "cpu", topk: int = 5,
+                    cam_threshold: float | None = None, multi_contour: bool = False,
+                    out_dir: Path | None = None) -> list[dict]:
+    """Predicted classes and boxes for each of a user's images (``mmcam-localize``).
+
+    Per image: the top-``topk`` classes with their probabilities; the CAM of the top-1 class as a score
+    map (224x224 bicubic, min-max); the box(es) at ``cam_threshold`` by the protocol's rule (the
+    largest contour, or every contour with ``multi_contour``) in the image's own pixel coordinates;
+    with ``out_dir``, an overlay PNG (heatmap + red box). The threshold defaults to the one the
+    checkpoint's validation chose (MaxBoxAcc's best tau), else :data:`DEFAULT_THRESHOLD`.
+    """
+    model, config, classes = load_trained_model(checkpoint, device)
+    if cam_threshold is None:
+        saved = load_checkpoint(checkpoint).get("val") or {}
+        cam_threshold = float(saved.get("maxboxacc_threshold", DEFAULT_THRESHOLD))
+    if not 0 <= cam_threshold < 1:
+        raise ConfigError(f"--cam-threshold must be in [0, 1), got {cam_threshold}")
+    transform = eval_transform(config.image_size)
+    results = []
+    for path in images:
+        image = read_rgb(path)
+        width, height = image.size
+        with torch.no_grad():
+            logits, features = model(transform(image)[None].to(device))
+            probs, top = logits.float().softmax(1).topk(min(topk, logits.shape[1]), dim=1)
+            scoremap = cams_to_scoremaps(model.cams(features, top[:, 0]))[0].cpu().numpy()
+        u8 = (scoremap.astype(np.float64) * 255).astype(np.uint8)
+        boxes_224 = boxes_at_threshold(u8[..., None], cam_threshold, multi_contour)
+        sx, sy = width / SCOREMAP_SIZE, height / SCOREMAP_SIZE
+        boxes = [[int(x0 * sx), int(y0 * sy), min(int((x1 + 1) * sx) - 1, width - 1),
+                  min(int((y1 + 1) * sy) - 1, height - 1)] for x0, y0, x1, y1 in boxes_224]
+        entry = {"image": str(path), "width": width, "height": height, "cam_threshold": cam_threshold,
+                 "predictions": [{"class": int(c), "name": classes[int(c)], "score": float(p)}
+                                 for c, p in zip(top[0].tolist(), probs[0].tolist(), strict=True)],
+                 "boxes": boxes}
+        if out_dir is not None:
+            best = entry["predictions"][0]
+            picture = overlay_image(np.asarray(image), scoremap, [], cam_threshold, multi_contour,
+                                    image_id=str(path), prediction=(best["name"], best["score"]))
+            overlay = out_dir / f"{len(results):04d}_{path.stem}.png"
+            cv2.imwrite(str(overlay), picture)
+            entry["overlay"] = str(overlay)
+        results.append(entry)
+    return results

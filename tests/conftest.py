@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory):
     """A 2-epoch, 4-step MinMaxCAM run (reference step) on the synthetic set: its run folder."""
-    from mmcam_fast.train import main
+    from mmcam_fast.cli.train import main
 
     out = tmp_path_factory.mktemp("run")
     data_root = tmp_path_factory.mktemp("data") / "synthetic"

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from mmcam_fast import runner
+from mmcam_fast import training as runner
 from mmcam_fast.checkpoint import unwrap
 from mmcam_fast.cli import run_main
-from mmcam_fast.train import main as train_main
+from mmcam_fast.cli.train import main as train_main
 
 RANK = int(os.environ.get("RANK", "0"))
 KILL_AT_STEP = int(os.environ.get("MMCAM_TEST_KILL_AT_STEP", "0"))

@@ -13,11 +13,11 @@ import cv2
 import numpy as np
 import pytest
 
+from mmcam_fast.cli.train import _HELP, _NONE_MEANS, _help_pair, _value_text, help_defaults, parse_args
 from mmcam_fast.config import _BACKBONE_PRESETS, _DATA_PRESETS, TrainConfig, build_config
 from mmcam_fast.console import format_validation
 from mmcam_fast.curves import CURVES_FILE, read_jsonl, write_curves
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.train import _HELP, _NONE_MEANS, _help_pair, _value_text, help_defaults, parse_args
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 

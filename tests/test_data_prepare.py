@@ -9,15 +9,11 @@ import pytest
 from PIL import Image
 from shared_data import shared_data_dir
 
+from mmcam_fast.cli.prepare import main
+from mmcam_fast.data.converters import ensure_prepared, prepare_tiny_imagenet, prepare_voc
 from mmcam_fast.data.images import load_rgb
+from mmcam_fast.data.manifest import read_class_names
 from mmcam_fast.data.metadata import load_metadata
-from mmcam_fast.data.prepare import (
-    ensure_prepared,
-    main,
-    prepare_tiny_imagenet,
-    prepare_voc,
-    read_class_names,
-)
 from mmcam_fast.errors import DataError
 
 DATA = shared_data_dir()
@@ -216,7 +212,7 @@ def test_a_class_subset_from_an_archive(tmp_path, monkeypatch):
 
 def test_the_pretraining_classes_are_disjoint_from_every_wsol_benchmark():
     """The stand-in for ImageNet pretraining never sees a class of WSOL-20 or Tiny-ImageNet-5."""
-    from mmcam_fast.data.prepare import read_class_list
+    from mmcam_fast.data.manifest import read_class_list
 
     folder = DATA / "tiny-imagenet-192"
     pretrain = set(read_class_list(folder / "pretrain172.txt"))

@@ -93,8 +93,8 @@ def test_existing_set_is_reused_and_other_parameters_are_refused(tmp_path):
 def test_training_reads_a_prepared_folder_with_its_own_sizes(tmp_path):
     """``--data synthetic --data-root DIR`` on a folder made by ``prepare synthetic`` with other sizes
     used to delete it and generate the default set; it now reads DIR's own parameters."""
+    from mmcam_fast.cli.prepare import main as prepare
     from mmcam_fast.data.loaders import build_datasets
-    from mmcam_fast.data.prepare import main as prepare
 
     root = tmp_path / "mine"
     assert prepare(["synthetic", "--out", str(root), "--num-classes", "3", "--train-per-class", "4",

@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.evaluate import main as evaluate_main
+from mmcam_fast.cli.localize import main as localize_main
 from mmcam_fast.data.metadata import load_metadata
-from mmcam_fast.evaluate import main as evaluate_main
 from mmcam_fast.evaluation.overlays import CAPTION_HEIGHT
-from mmcam_fast.localize import main as localize_main
 
 
 def _last_json(capsys) -> dict:

@@ -10,8 +10,8 @@ from scoremap_samples import realistic_scoremaps
 from shared_data import shared_data_dir
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.evaluate import main
 from mmcam_fast.data.metadata import load_metadata, write_metadata
-from mmcam_fast.evaluate import main
 from mmcam_fast.evaluation import BoxEvaluator, MaskEvaluator, gt_boxes_224, save_scoremaps
 from mmcam_fast.evaluation.overlays import CAPTION_HEIGHT
 
@@ -70,7 +70,7 @@ def test_box_dataset_numbers_match_the_evaluators(tmp_path, capsys):
     assert lines[0].startswith("CUB test: MaxBoxAcc")
     # the reference implementation and two worker processes print the same JSON
     reference, _ = run(capsys, *args(tmp_path, "CUB", "test", "--impl", "reference"))
-    pooled, _ = run(capsys, *args(tmp_path, "CUB", "test", "--workers", "2"))
+    pooled, _ = run(capsys, *args(tmp_path, "CUB", "test", "--processes", "2"))
     threaded, _ = run(capsys, *args(tmp_path, "CUB", "test", "--threads", "3"))
     assert reference == result == pooled == threaded
 
@@ -146,7 +146,7 @@ def test_usage_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     assert "--split" in fail(capsys, "--scoremap-root", tmp_path / "maps", "--metadata-root",
                              tmp_path / "meta", "--dataset", "CUB")
     assert "--overlays" in fail(capsys, *args(tmp_path, "CUB", "val", "--overlays", "two"))
-    assert "--workers must be at least 1" in fail(capsys, *args(tmp_path, "CUB", "val", "--workers", 0))
+    assert "--processes must be at least 1" in fail(capsys, *args(tmp_path, "CUB", "val", "--processes", 0))
     assert "cam_curve_interval" in fail(capsys, *args(tmp_path, "CUB", "val", "--cam-curve-interval", 0))
     assert "--data-root" in fail(capsys, *args(tmp_path, "CUB", "val", "--data-root", tmp_path / "none"))
     assert "--scoremap-root" in fail(capsys, "--scoremap-root", tmp_path / "none", "--metadata-root",

@@ -19,9 +19,8 @@ from shared_data import shared_data_dir
 from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
-from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, to_uint8
+from mmcam_fast.evaluation.box_fast import box_correct_fast_u8_rules, foreground_bbox, to_uint8
 from mmcam_fast.evaluation.box_reference import box_correct_reference
-from mmcam_fast.evaluation.level_sets import foreground_bbox
 
 DATA = shared_data_dir()
 META = DATA / "wsol-metadata"
@@ -225,7 +224,7 @@ def test_accumulate_in_worker_processes_or_threads_gives_the_same_counts():
 
     single = evaluators()
     assert accumulate_boxes(single, items, threads=1) == 40
-    for kwargs in ({"workers": 2}, {"threads": 3}, {}):  # {}: one thread per core
+    for kwargs in ({"processes": 2}, {"threads": 3}, {}):  # {}: one thread per core
         pooled = evaluators()
         assert accumulate_boxes(pooled, items, **kwargs) == 40
         for a, b in zip(single, pooled, strict=True):

@@ -91,11 +91,11 @@ def test_fast_equals_reference_on_random_masks(tmp_path):
         mask_paths[image_id], ignore_paths[image_id] = paths, f"{i}_ignore.png" if i % 4 else ""
     maps = list(realistic_scoremaps(len(ids), seed=1))
     maps[0] = maps[0].astype(np.float64) ** 1.5  # not float32-exact: the fast path's float64 branch
-    for interval, workers in ((0.01, 1), (0.001, 1), (0.01, 2)):
+    for interval, processes in ((0.01, 1), (0.001, 1), (0.01, 2)):
         evaluators = [MaskEvaluator(mask_paths, ignore_paths, tmp_path, cam_curve_interval=interval,
                                     impl=impl) for impl in IMPLS]
         for evaluator in evaluators:
-            evaluator.accumulate_many(zip(ids, maps, strict=True), workers=workers)
+            evaluator.accumulate_many(zip(ids, maps, strict=True), processes=processes)
         np.testing.assert_array_equal(evaluators[0].true_hist, evaluators[1].true_hist)
         np.testing.assert_array_equal(evaluators[0].false_hist, evaluators[1].false_hist)
         assert evaluators[0].compute() == evaluators[1].compute()

@@ -9,10 +9,10 @@ from scoremap_samples import realistic_scoremaps
 from shared_data import shared_data_dir
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.evaluate import main
+from mmcam_fast.cli.prepare import main as prepare_main
+from mmcam_fast.data.converters import prepare_tiny_imagenet, prepare_voc
 from mmcam_fast.data.metadata import load_metadata
-from mmcam_fast.data.prepare import main as prepare_main
-from mmcam_fast.data.prepare import prepare_tiny_imagenet, prepare_voc
-from mmcam_fast.evaluate import main
 from mmcam_fast.evaluation import BoxEvaluator, MaskEvaluator, gt_boxes_224, load_gt_mask, save_scoremaps
 from mmcam_fast.evaluation.overlays import CAPTION_HEIGHT, DISPLAY_MIN
 
@@ -133,7 +133,7 @@ def test_prepared_tiny_imagenet(tmp_path, capsys):
     maps = realistic_scoremaps(len(metadata), seed=8, gt_boxes=[gt[i] for i in metadata.image_ids])
     save_scoremaps(tmp_path / "maps", metadata.image_ids, maps)
     result = run(capsys, "--scoremap-root", tmp_path / "maps", "--data-root", root, "--split", "val",
-                 "--workers", 2)
+                 "--processes", 2)
     assert result["dataset"] == "tiny-imagenet" and result["images"] == 50
     assert {k: result[k] for k in ("maxboxacc", "maxboxacc_v2", "per_iou", "images")} == library_numbers(
         metadata, maps)

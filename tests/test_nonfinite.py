@@ -11,13 +11,13 @@ import torch
 from mmcam_fast import engine
 from mmcam_fast.checkpoint import check_finite
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.train import main
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.data.synthetic import make_synthetic
 from mmcam_fast.engine import Trainer
 from mmcam_fast.errors import MMCamError
 from mmcam_fast.guards import NonFiniteGuard, NonFiniteLossError
 from mmcam_fast.models import create_model
-from mmcam_fast.train import main
 
 
 @pytest.fixture(autouse=True)

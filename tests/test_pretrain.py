@@ -10,8 +10,8 @@ import torch
 from shared_data import shared_data_dir
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.pretrain import main
 from mmcam_fast.models import FEATURE_STRIDES, create_model
-from mmcam_fast.pretrain import main
 
 
 def test_pretrain_resumes_exports_and_loads_into_every_geometry(tmp_path, capsys, monkeypatch):

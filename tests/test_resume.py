@@ -29,9 +29,9 @@ from mmcam_fast.checkpoint import (
     rng_state,
 )
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.train import main
 from mmcam_fast.data.synthetic import make_synthetic
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.train import main
 
 STEPS_PER_EPOCH = 4
 KILL_AFTER_STEP = 6  # epoch 2 runs steps 5..8; with a checkpoint every step the kill lands mid-epoch

@@ -35,7 +35,7 @@ FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--feature-stride", "1
 _CHILD = textwrap.dedent("""
     import os, sys
     point, n = sys.argv[1], int(sys.argv[2])
-    import mmcam_fast.runner as runner
+    import mmcam_fast.training as runner
     from mmcam_fast.engine import Trainer
     from mmcam_fast.metric_log import MetricLog
     calls = {"n": 0}
@@ -70,7 +70,7 @@ _CHILD = textwrap.dedent("""
                 os._exit(137)
             return original_save(obj, path)
         runner.atomic_save = atomic_save
-    from mmcam_fast.train import cli
+    from mmcam_fast.cli.train import cli
     sys.argv = ["mmcam-train", *sys.argv[3:]]
     cli()
 """)

@@ -10,10 +10,11 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from mmcam_fast.experiments import tiny_wsol
-from mmcam_fast.experiments.tiny_wsol import BATCH, GROUPS, RECIPE, build_plan, gate_runs, variants_for
+from mmcam_fast.cli import tiny_wsol
+from mmcam_fast.experiments import tiny_wsol_study
 from mmcam_fast.experiments.tiny_wsol_report import paired_difference
-from mmcam_fast.pretrain import export_state_dict
+from mmcam_fast.experiments.tiny_wsol_study import BATCH, GROUPS, RECIPE, build_plan, gate_runs, variants_for
+from mmcam_fast.pretraining import export_state_dict
 
 
 def _weights(folder: Path, backbone: str = "resnet18") -> Path:
@@ -73,10 +74,10 @@ def test_the_config_hash_follows_the_weights_and_recipe_not_the_machine(tmp_path
     assert other.config_hash() != before
     _weights(tmp_path)  # new random weights: another sha256
     assert run.config_hash() != before
-    gate = gate_runs(list(tiny_wsol.GATE), "resnet18", tmp_path)
-    assert len({r.key for r in gate}) == len(tiny_wsol.GATE)
+    gate = gate_runs(list(tiny_wsol_study.GATE), "resnet18", tmp_path)
+    assert len({r.key for r in gate}) == len(tiny_wsol_study.GATE)
     assert all(r.variant.lambda_crr == r.variant.lambda_frr == 0.0 for r in gate)
-    with pytest.raises(tiny_wsol.ConfigError, match="unknown nope"):
+    with pytest.raises(tiny_wsol_study.ConfigError, match="unknown nope"):
         gate_runs(["nope"], "resnet18")
 
 
@@ -110,7 +111,8 @@ def test_a_cut_down_study_writes_rows_skips_them_and_reports(shared_data, tmp_pa
 
     # a second invocation finds both rows and trains nothing; a stale row (other config) is rerun
     capsys.readouterr()
-    monkeypatch.setattr(tiny_wsol, "run_all", lambda runs, *a, **k: started.extend(r.name for r in runs))
+    monkeypatch.setattr(tiny_wsol_study, "run_all",
+                        lambda runs, *a, **k: started.extend(r.name for r in runs))
     started: list[str] = []
     tiny_wsol.main(args)
     assert started == [] and "2 of 2 run(s) already have their rows" in capsys.readouterr().err

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.train import main, parse_args
 from mmcam_fast.config import build_config
 from mmcam_fast.errors import ConfigError
-from mmcam_fast.train import main, parse_args
 
 
 def test_run_folder_holds_config_metrics_checkpoints_and_final_metrics(finished_run):
@@ -62,7 +62,7 @@ def test_bad_flags_give_one_clear_error(argv, message, tmp_path, capsys):
 
 def test_init_starts_from_another_runs_weights_only(finished_run, tmp_path):
     from mmcam_fast.models import create_model
-    from mmcam_fast.runner import _init_weights
+    from mmcam_fast.training import _init_weights
 
     checkpoint = finished_run / "checkpoints" / "last.pt"
     saved = torch.load(checkpoint, weights_only=False)["model"]

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mmcam_fast.cli import run_main
+from mmcam_fast.cli.evaluate import main as evaluate_main
+from mmcam_fast.cli.train import main as train_main
 from mmcam_fast.data.synthetic import make_synthetic
-from mmcam_fast.evaluate import main as evaluate_main
-from mmcam_fast.train import main as train_main
 
 SMALL = {"num_classes": 3, "train_per_class": 6, "val_per_class": 2, "test_per_class": 2, "size": 32}
 FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--image-size", "32", "--epochs", "1",

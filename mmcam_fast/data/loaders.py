@@ -48,10 +48,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmcam_fast.data.catalogue import BENCHMARK_FOLDERS, DATA_NAMES
+from mmcam_fast.data.converters import ensure_prepared
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.images import UNREADABLE_IMAGE_ERRORS, describe_unreadable, load_rgb
+from mmcam_fast.data.manifest import CLASSES_FILE, read_class_names, read_manifest
 from mmcam_fast.data.metadata import WSOLMetadata, load_metadata
-from mmcam_fast.data.prepare import CLASSES_FILE, ensure_prepared, read_class_names, read_manifest
 from mmcam_fast.data.sampler import LoaderPosition, SetBatchSampler
 from mmcam_fast.data.synthetic import make_synthetic, synthetic_parameters
 from mmcam_fast.data.transforms import eval_transform, train_transform

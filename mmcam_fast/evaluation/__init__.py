@@ -14,8 +14,18 @@ from mmcam_fast.evaluation.box_evaluator import BoxEvaluator, BoxResult, accumul
 from mmcam_fast.evaluation.boxes import box_iou, check_boxes, gt_boxes_224, iou_matrix, resize_box
 from mmcam_fast.evaluation.loc_accuracy import LocAccuracyEvaluator
 from mmcam_fast.evaluation.mask_evaluator import MaskEvaluator, load_gt_mask, pxap_from_histograms
-from mmcam_fast.evaluation.overlays import overlay_image, select_overlay_ids, write_overlays
-from mmcam_fast.evaluation.protocol import dataset_name, evaluate_scoremaps, split_folder
+from mmcam_fast.evaluation.overlays import (
+    overlay_image,
+    select_overlay_ids,
+    write_overlays,
+    write_split_overlays,
+)
+from mmcam_fast.evaluation.protocol import (
+    dataset_name,
+    evaluate_scoremap_folder,
+    evaluate_scoremaps,
+    split_folder,
+)
 from mmcam_fast.evaluation.scoremaps import (
     SCOREMAP_SIZE,
     cams_to_scoremaps,
@@ -31,7 +41,8 @@ from mmcam_fast.evaluation.thresholds import DEFAULT_IOU_THRESHOLDS, cam_thresho
 __all__ = [
     "DEFAULT_IOU_THRESHOLDS", "SCOREMAP_SIZE", "BoxEvaluator", "BoxResult", "LocAccuracyEvaluator",
     "MaskEvaluator", "accumulate_boxes", "box_correct", "box_iou", "cam_thresholds", "cams_to_scoremaps",
-    "check_boxes", "check_scoremap", "check_scoremaps", "dataset_name", "evaluate_scoremaps", "gt_boxes_224",
-    "iou_matrix", "iter_scoremaps", "load_gt_mask", "load_scoremap", "overlay_image", "pxap_from_histograms",
-    "resize_box", "save_scoremaps", "scoremap_path", "select_overlay_ids", "split_folder", "write_overlays",
+    "check_boxes", "check_scoremap", "check_scoremaps", "dataset_name", "evaluate_scoremap_folder",
+    "evaluate_scoremaps", "gt_boxes_224", "iou_matrix", "iter_scoremaps", "load_gt_mask", "load_scoremap",
+    "overlay_image", "pxap_from_histograms", "resize_box", "save_scoremaps", "scoremap_path",
+    "select_overlay_ids", "split_folder", "write_overlays", "write_split_overlays",
 ]

@@ -168,7 +168,7 @@ def _image_job(item: tuple[str, np.ndarray, np.ndarray], cam_thresholds: np.ndar
 
 
 def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tuple[str, np.ndarray]],
-                     workers: int = 1, check: bool = True, threads: int | None = None,
+                     processes: int = 1, check: bool = True, threads: int | None = None,
                      on_image: Callable[[str, list[np.ndarray]], None] | None = None) -> int:
     """Feed ``(image_id, scoremap)`` pairs to several evaluators in one pass, optionally in parallel.
 
@@ -178,8 +178,8 @@ def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tup
     Args:
         evaluators: the evaluators to update.
         scoremaps: ``(image_id, [224, 224] map)`` pairs, consumed lazily.
-        workers: processes; each image is evaluated whole in one of them.
-        threads: threads when ``workers`` is 1; None (default) is one per available core, at most 8.
+        processes: processes; each image is evaluated whole in one of them.
+        threads: threads when ``processes`` is 1; None (default) is one per available core, at most 8.
             The numbers do not depend on it (each image's counts are computed whole, in one thread,
             and added in input order).
         check: validate each map (skip only for maps validated already, e.g. by ``iter_scoremaps``).
@@ -208,7 +208,7 @@ def accumulate_boxes(evaluators: Sequence[BoxEvaluator], scoremaps: Iterable[tup
 
     job = partial(_image_job, cam_thresholds=first.cam_thresholds, specs=specs, impl=first.impl)
     added = 0
-    for results in ordered_map(job, payloads(), workers, threads=resolve_threads(threads)):
+    for results in ordered_map(job, payloads(), processes, threads=resolve_threads(threads)):
         for evaluator, correct in zip(evaluators, results, strict=True):
             evaluator.add(correct)
         image_id = ids.popleft()

@@ -12,7 +12,7 @@ counts (:func:`pxap_from_histograms`).
 ``impl="fast"`` sorts each class's values once (in float32 when the map is float32-exact, which is
 exact because every comparison is then made between identical float64 values) and counts bins with
 ``searchsorted``. The counts are integers and identical, so PxAP is identical bit for bit. Mask
-decoding (PNG) is most of the time here; ``workers`` spreads whole images over processes.
+decoding (PNG) is most of the time here; ``processes`` spreads whole images over processes.
 """
 
 from __future__ import annotations
@@ -236,13 +236,13 @@ class MaskEvaluator:
         self.false_hist += histograms[1]
         self.count += 1
 
-    def accumulate_many(self, scoremaps: Iterable[tuple[str, np.ndarray]], workers: int = 1,
+    def accumulate_many(self, scoremaps: Iterable[tuple[str, np.ndarray]], processes: int = 1,
                         check: bool = True) -> int:
-        """Add ``(image_id, scoremap)`` pairs, in ``workers`` processes; returns how many."""
+        """Add ``(image_id, scoremap)`` pairs, in ``processes`` processes; returns how many."""
         items = (self._item(scoremap, image_id, check) for image_id, scoremap in scoremaps)
         job = partial(_mask_job, mask_dir=str(self.mask_dir), edges=self.edges, impl=self.impl)
         added = 0
-        for histograms in ordered_map(job, items, workers):
+        for histograms in ordered_map(job, items, processes):
             self._add(histograms)
             added += 1
         return added

@@ -33,10 +33,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from mmcam_fast.data.images import read_rgb
+from mmcam_fast.data.metadata import WSOLMetadata
 from mmcam_fast.errors import DataError
 from mmcam_fast.evaluation.box_reference import boxes_at_threshold
 from mmcam_fast.evaluation.boxes import box_iou, check_boxes, resize_box
-from mmcam_fast.evaluation.scoremaps import SCOREMAP_SIZE, check_scoremap, scoremap_path
+from mmcam_fast.evaluation.scoremaps import SCOREMAP_SIZE, check_scoremap, load_scoremap, scoremap_path
 
 GT_COLOR = (0, 255, 0)  # BGR green, solid lines
 ESTIMATE_COLOR = (0, 0, 255)  # BGR red, dashed lines
@@ -263,3 +265,24 @@ def write_overlays(images: Sequence[np.ndarray], scoremaps: Sequence[np.ndarray]
             raise DataError(f"overlay of image {image_id}: cannot write {path}")
         written.append(path)
     return written
+
+
+def write_split_overlays(metadata: WSOLMetadata, scoremap_root: str | Path, image_root: str | Path,
+                         threshold: float, out_dir: str | Path, count: int,
+                         class_names: Sequence[str] | None = None) -> list[Path]:
+    """Overlays of ``count`` images of a split spread over its classes (:func:`select_overlay_ids`),
+    their score maps read from ``<scoremap_root>/<image_id>.npy`` and the images (at their own size)
+    from ``<image_root>/<image_id>``, the box drawn at ``threshold``; returns the written paths."""
+    image_ids = select_overlay_ids(metadata.image_ids, metadata.labels, count)
+
+    def name(image_id: str) -> str:
+        label = metadata.labels[image_id]
+        known = class_names is not None and label < len(class_names)
+        return class_names[label] if known else f"class {label}"
+
+    return write_overlays(
+        images=[np.asarray(read_rgb(Path(image_root) / i, f"image {i}", hint="check --image-root"))
+                for i in image_ids],
+        scoremaps=[load_scoremap(scoremap_root, i) for i in image_ids],
+        gt_boxes=[metadata.boxes[i] for i in image_ids], threshold=threshold, out_dir=out_dir, ids=image_ids,
+        box_sizes=[metadata.sizes[i] for i in image_ids], class_names=[name(i) for i in image_ids])

@@ -6,10 +6,10 @@ so evaluating 50,000 maps never holds them all in memory.
 - Threads (``threads > 1``): the box evaluator's kernels are numba functions that release the GIL,
   and OpenCV releases it too, so images are evaluated in parallel with no start-up cost and
   nothing pickled. What stays serial is the per-image Python glue (a small part of the time).
-- Processes (``workers > 1``): for work that holds the GIL (PNG decoding of masks in Python,
+- Processes (``processes > 1``): for work that holds the GIL (PNG decoding of masks in Python,
   many-core machines where the glue would serialize threads). Started with ``spawn`` (no inherited
   OpenCV or OpenMP thread state; torch is never imported in them); each takes about 0.3 s to start.
-  As with any ``spawn`` pool, a script that asks for ``workers > 1`` must keep its top-level code
+  As with any ``spawn`` pool, a script that asks for ``processes > 1`` must keep its top-level code
   under ``if __name__ == "__main__":``.
 """
 
@@ -58,22 +58,22 @@ def _run_chunk(fn: Callable[[Any], Any], chunk: list) -> list:
     return [fn(item) for item in chunk]
 
 
-def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 1,
+def ordered_map(fn: Callable[[T], R], items: Iterable[T], processes: int = 1,
                 chunk: int = CHUNK, threads: int = 1) -> Iterator[R]:
-    """``map(fn, items)`` in order, in ``workers`` processes or ``threads`` threads.
+    """``map(fn, items)`` in order, in ``processes`` processes or ``threads`` threads.
 
     Args:
         fn: for processes, a module-level function (it is pickled by reference).
         items: any iterable; consumed lazily.
-        workers: process count; takes precedence over ``threads`` when above 1.
+        processes: process count; takes precedence over ``threads`` when above 1.
         chunk: items per task.
-        threads: thread count when ``workers`` is 1; 1 runs in the calling thread.
+        threads: thread count when ``processes`` is 1; 1 runs in the calling thread.
     """
-    if workers > 1:
+    if processes > 1:
         context = multiprocessing.get_context("spawn")
-        pool: Executor = ProcessPoolExecutor(max_workers=workers, mp_context=context,
+        pool: Executor = ProcessPoolExecutor(max_workers=processes, mp_context=context,
                                              initializer=_init_worker)
-        parallel = workers
+        parallel = processes
     elif threads > 1:
         pool, parallel = ThreadPoolExecutor(max_workers=threads), threads
     else:

@@ -25,6 +25,7 @@ from mmcam_fast.data.metadata import WSOLMetadata
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation.box_evaluator import BoxEvaluator, accumulate_boxes
 from mmcam_fast.evaluation.mask_evaluator import MaskEvaluator
+from mmcam_fast.evaluation.scoremaps import iter_scoremaps
 from mmcam_fast.evaluation.thresholds import DEFAULT_IOU_THRESHOLDS
 
 # --dataset names (case-insensitive): the benchmarks by their --data name or metadata folder name
@@ -78,7 +79,7 @@ def mask_folder(dataset: str, mask_root: str | Path) -> Path:
 def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable[tuple[str, np.ndarray]], *,
                        mask_root: str | Path | None = None, cam_curve_interval: float = 0.01,
                        iou_thresholds: Iterable[int] = DEFAULT_IOU_THRESHOLDS, impl: str = "fast",
-                       workers: int = 1, check: bool = True, threads: int | None = None) -> dict:
+                       processes: int = 1, check: bool = True, threads: int | None = None) -> dict:
     """Evaluate one split; returns the JSON-ready result.
 
     Box data sets (CUB, ILSVRC, prepared sets with boxes) are evaluated twice in one pass: single
@@ -96,8 +97,8 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
         cam_curve_interval: CAM thresholds ``np.arange(0, 1, interval)``.
         iou_thresholds: IoU thresholds (percent) of the multi-contour run.
         impl: ``"fast"`` or ``"reference"``.
-        workers: processes for the per-image work.
-        threads: threads for the box evaluation when ``workers`` is 1 (None: one per core).
+        processes: processes for the per-image work.
+        threads: threads for the box evaluation when ``processes`` is 1 (None: one per core).
         check: validate each map (False only for maps validated already).
 
     Raises:
@@ -126,7 +127,7 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
             raise ConfigError(f"--mask-root is required for {name} masks (they are read from {where})")
         evaluator = MaskEvaluator.from_metadata(metadata, mask_folder(name, mask_root),
                                                 cam_curve_interval=cam_curve_interval, impl=impl)
-        evaluator.accumulate_many(tracked(), workers=workers, check=check)
+        evaluator.accumulate_many(tracked(), processes=processes, check=check)
         _check_complete(metadata, seen)
         result.update(pxap=evaluator.compute(), images=evaluator.count)
         return result
@@ -135,7 +136,7 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
                                         iou_thresholds=[MAXBOXACC_IOU], multi_contour=False, impl=impl)
     multi = BoxEvaluator(single.gt_boxes, cam_curve_interval=cam_curve_interval,
                          iou_thresholds=list(iou_thresholds), multi_contour=True, impl=impl)
-    accumulate_boxes([single, multi], tracked(), workers=workers, check=check, threads=threads)
+    accumulate_boxes([single, multi], tracked(), processes=processes, check=check, threads=threads)
     _check_complete(metadata, seen)
     single_result, multi_result = single.compute(), multi.compute()
     result.update(
@@ -148,6 +149,19 @@ def evaluate_scoremaps(dataset: str, metadata: WSOLMetadata, scoremaps: Iterable
         images=single.count,
     )
     return result
+
+
+def evaluate_scoremap_folder(dataset: str, metadata: WSOLMetadata, scoremap_root: str | Path, *,
+                             mask_root: str | Path | None = None, cam_curve_interval: float = 0.01,
+                             iou_thresholds: Iterable[int] = DEFAULT_IOU_THRESHOLDS, impl: str = "fast",
+                             processes: int = 1, threads: int | None = None) -> dict:
+    """Mode (a) of ``mmcam-evaluate``: the split of ``metadata`` scored from the protocol's layout,
+    ``<scoremap_root>/<image_id>.npy`` (each map validated as it is read); see
+    :func:`evaluate_scoremaps` for the arguments and the result."""
+    return evaluate_scoremaps(dataset, metadata, iter_scoremaps(scoremap_root, metadata.image_ids),
+                              mask_root=mask_root, cam_curve_interval=cam_curve_interval,
+                              iou_thresholds=iou_thresholds, impl=impl, processes=processes, threads=threads,
+                              check=False)  # iter_scoremaps has validated every map
 
 
 def _check_complete(metadata: WSOLMetadata, seen: list[str]) -> None:

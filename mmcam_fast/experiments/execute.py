@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from mmcam_fast.errors import ConfigError, RunFailed
+from mmcam_fast.evaluation.parallel import available_cores
 from mmcam_fast.experiments.plan import Run
 
 _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -47,8 +48,6 @@ def add_jobs_flag(parser) -> None:
 
 def resolve_jobs(jobs: int | None) -> int:
     """``--jobs``: at least 1; None is one per core this process may use."""
-    from mmcam_fast.evaluation.parallel import available_cores
-
     if jobs is not None and jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     return jobs or available_cores()

@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from mmcam_fast.analysis import feature_dispersion
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.metadata import WSOLMetadata
+from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224, overlay_image
 from mmcam_fast.experiments.plan import VARIANTS, Run, Variant
+from mmcam_fast.localization import image_224, load_trained_model, predict_scoremaps
 
 METRICS = (("maxboxacc", "MaxBoxAcc"), ("maxboxacc_v2", "MaxBoxAccV2"), ("gt_known_loc", "GT-known Loc"),
            ("top1_loc", "Top-1 Loc"), ("top1_cls", "Top-1 Cls"), ("val_maxboxacc_v2", "val MaxBoxAccV2"))
@@ -36,8 +39,6 @@ def dispersion_of(run: Run, test: WSOLDataset, device: str = "cpu") -> dict[str,
     cache = run.folder / "dispersion.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    from mmcam_fast.analysis import feature_dispersion
-    from mmcam_fast.localization import load_trained_model
 
     model, _, _ = load_trained_model(run.folder / "checkpoints" / "best.pt", device)
     result = feature_dispersion(model, test, device=device)
@@ -135,8 +136,6 @@ def centre_prior(metadata: WSOLMetadata) -> dict[str, Any]:
     boxes of every size, so its MaxBoxAcc is that of the best single centred box for all images.
     Also the mean fraction of the image that the ground-truth boxes cover.
     """
-    from mmcam_fast.evaluation import BoxEvaluator, accumulate_boxes, gt_boxes_224
-
     boxes = gt_boxes_224(metadata)
     ys, xs = np.mgrid[0:224, 0:224]
     gaussian = np.exp(-((xs - 111.5) ** 2 + (ys - 111.5) ** 2) / (2 * 56.0**2))
@@ -256,8 +255,6 @@ def plot_overlays(cam_run: Run, minmax_run: Run, test: WSOLDataset, path: Path, 
     import cv2
     import matplotlib.pyplot as plt
 
-    from mmcam_fast.evaluation import gt_boxes_224, overlay_image
-    from mmcam_fast.localization import image_224, load_trained_model, predict_scoremaps
 
     step = max(1, len(test) // count)  # spread over the split
     picked = range(0, step * count, step)[:count]

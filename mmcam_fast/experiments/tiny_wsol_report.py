@@ -18,6 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from mmcam_fast.data.loaders import build_datasets
+from mmcam_fast.data.metadata import load_metadata
+from mmcam_fast.errors import MMCamError
+from mmcam_fast.experiments.plan import Run
+from mmcam_fast.experiments.report import centre_prior
+from mmcam_fast.experiments.report import plot_overlays as draw
+
 # t quantiles (0.975) for the 95 % interval of a mean over n paired seeds (n - 1 degrees of freedom)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 METRICS = (
@@ -86,9 +93,6 @@ def centre_priors(prepare: Callable[[str], Path], report_dir: Path, names: set[s
     the report dir, so the report can be rebuilt without the data)."""
     cache = report_dir / "centre_prior.json"
     priors = json.loads(cache.read_text()) if cache.is_file() else {}
-    from mmcam_fast.data.metadata import load_metadata
-    from mmcam_fast.errors import MMCamError
-    from mmcam_fast.experiments.report import centre_prior
 
     changed = False
     for name in sorted(names):
@@ -385,8 +389,6 @@ def plot_overlays(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str]
                   count: int = 8) -> bool:
     """The same test images under CAM and MinMaxCAM (seed 0, WSOL-20, ResNet18), when both run folders
     are here (they are not committed; the figure is)."""
-    from mmcam_fast.experiments.plan import Run
-    from mmcam_fast.experiments.report import plot_overlays as draw
     found = {}
     for row in rows:
         if (row["benchmark"], row["backbone"], row["seed"]) == ("wsol20", "resnet18", 0) and row[
@@ -397,8 +399,6 @@ def plot_overlays(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str]
                 found[row["variant"]] = Run(row["variant"], 0, folder, {})
     if len(found) < 2:
         return False
-    from mmcam_fast.data.loaders import build_datasets
-    from mmcam_fast.errors import MMCamError
 
     try:
         root = prepare("wsol20")

@@ -42,8 +42,10 @@ from mmcam_fast.checkpoint import (
 from mmcam_fast.config import TrainConfig, default_run_folder
 from mmcam_fast.console import format_validation
 from mmcam_fast.curves import write_curves
+from mmcam_fast.data.loaders import build_datasets, build_loader, check_decodable, set_batch_sampler
 from mmcam_fast.engine import Trainer
 from mmcam_fast.errors import ConfigError
+from mmcam_fast.localization import evaluate_localization
 from mmcam_fast.metric_log import MetricLog
 from mmcam_fast.models import create_model
 from mmcam_fast.run_folder import atomic_write_text, keep_lines, open_run_folder, start_afresh
@@ -190,8 +192,6 @@ class _Run:
                 raise ConfigError(f"{flag} {value}: file not found")
 
     def _run(self) -> RunResult:
-        from mmcam_fast.data.loaders import build_datasets, build_loader, check_decodable, set_batch_sampler
-
         config, world, device = self.config, self.world, self.device
         start = time.perf_counter()
         seed_everything(config.seed)
@@ -364,8 +364,6 @@ class _Run:
         distributed.barrier()
 
     def _end_of_epoch(self, data: Any, model: torch.nn.Module) -> None:
-        from mmcam_fast.localization import evaluate_localization
-
         config, progress = self.config, self.progress
         epoch = progress.epoch
         files: dict[str, dict[str, Any]] = {}
@@ -400,8 +398,6 @@ class _Run:
             _note(f"{self.run_dir / 'curves.png'}: not written ({exc})")
 
     def _final_test(self, data: Any, model: torch.nn.Module) -> dict[str, Any]:
-        from mmcam_fast.localization import evaluate_localization
-
         best = self.checkpoints / "best.pt"
         if best.exists():  # the protocol selects the model on val and reports it on test
             model.load_state_dict(load_checkpoint(best, flag="best.pt")["model"])

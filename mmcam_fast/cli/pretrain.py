@@ -1,0 +1,38 @@
+"""``python -m mmcam_fast.pretrain`` (``mmcam-pretrain``): classification pretraining from scratch,
+the stand-in for ImageNet weights where none can be had (:mod:`mmcam_fast.pretraining`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.errors import ConfigError
+from mmcam_fast.pretraining import ARCHS, build_network, pretrain
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(prog="mmcam_fast.pretrain", description=__doc__)
+    parser.add_argument("--data-root", required=True, help="a prepared tiny-imagenet folder (the classes)")
+    parser.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1, help="peak of the cosine schedule")
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs (smoke runs)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="folder for checkpoint.pt and pretrain.json")
+    parser.add_argument("--resume", choices=("auto",), default=None, help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--export", type=Path, default=None, help="write the final fp16 state dict here")
+    args = parser.parse_args(argv)
+    if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
+        raise ConfigError("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+    build_network(args.arch, 2)  # an unknown --arch fails before any data work
+    print(json.dumps(pretrain(args)))
+
+
+cli = console_entry(main, "mmcam-pretrain")

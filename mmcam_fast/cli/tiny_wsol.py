@@ -1,0 +1,125 @@
+"""``python -m mmcam_fast.experiments.tiny_wsol`` (``mmcam-tiny-wsol``): the pretrained-backbone study
+of :mod:`mmcam_fast.experiments.tiny_wsol_study` (gate, study, report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.errors import ConfigError
+from mmcam_fast.experiments import tiny_wsol_report
+from mmcam_fast.experiments import tiny_wsol_study as study
+from mmcam_fast.experiments.execute import add_jobs_flag, resolve_jobs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(
+        prog="mmcam_fast.experiments.tiny_wsol",
+        description=study.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", choices=("gate", "study", "report"))
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=Path(os.environ["MMCAM_SHARED_DATA"]) if os.environ.get("MMCAM_SHARED_DATA") else None,
+        help="the data folder holding tiny-imagenet-192/ and tiny-imagenet-5/ (default: $MMCAM_SHARED_DATA; "
+        "`make experiments` passes it)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("runs/tiny-wsol"), help="run folders and data")
+    parser.add_argument(
+        "--report-dir", type=Path, default=study.REPORT_DIR, help="result rows and the report"
+    )
+    parser.add_argument(
+        "--benchmarks", nargs="+", default=list(study.BENCHMARKS), choices=list(study.BENCHMARKS)
+    )
+    parser.add_argument(
+        "--backbones", nargs="+", default=list(study.BACKBONES), choices=list(study.BACKBONES)
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=list(study.GROUPS),
+        choices=list(study.GROUPS),
+        help="analyses to run (default: all)",
+    )
+    parser.add_argument("--recipes", nargs="+", default=list(study.GATE), help="gate: the recipes to try")
+    parser.add_argument(
+        "--pretrained-dir",
+        type=Path,
+        default=study.PRETRAINED_DIR,
+        help="where <backbone>-172.pth and its .sha256 are",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=list(study.SEEDS), help="seeds of the main comparison"
+    )
+    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=list(study.SWEEP_SEEDS))
+    smoke = parser.add_argument_group("cut-down runs (tests; their rows carry another config hash)")
+    smoke.add_argument("--epochs", type=int, default=None, help="instead of the recipe's")
+    smoke.add_argument("--max-steps-per-epoch", type=int, default=None)
+    add_jobs_flag(parser)
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
+    args = parser.parse_args(argv)
+    if args.shared is None and args.action != "report":
+        raise ConfigError("--shared: the data folder is needed (or set MMCAM_SHARED_DATA)")
+    args.jobs = resolve_jobs(args.jobs)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    jobs = args.jobs
+    recipe = study.RECIPE
+    if args.epochs is not None or args.max_steps_per_epoch is not None:
+        epochs = args.epochs or recipe.epochs
+        recipe = replace(
+            recipe,
+            name=f"{recipe.name}-cut",
+            epochs=epochs,
+            lr_milestones=tuple(m for m in recipe.lr_milestones if m < epochs) or (max(1, epochs - 1),),
+            max_steps_per_epoch=args.max_steps_per_epoch,
+        )
+    if args.action == "gate":
+        runs = [
+            run
+            for backbone in args.backbones
+            for run in study.gate_runs(args.recipes, backbone, args.pretrained_dir)
+        ]
+        report_dir = args.report_dir / "gate"
+    else:
+        runs = study.build_plan(
+            args.benchmarks,
+            args.backbones,
+            args.only,
+            recipe,
+            tuple(args.seeds),
+            tuple(args.sweep_seeds),
+            args.pretrained_dir,
+        )
+        report_dir = args.report_dir
+    if args.dry_run:
+        for run in runs:
+            row = study.read_row(study.row_path(report_dir, run.key))
+            state = "done" if row and row.get("config_hash") == run.config_hash() else "to run"
+            print(f"{run.key:48s} {','.join(run.groups):32s} {state}")
+        return
+    if args.action != "report":
+        study.execute(
+            runs,
+            shared=args.shared,
+            out=args.out,
+            report_dir=report_dir,
+            jobs=jobs,
+            kind="gate" if args.action == "gate" else "study",
+        )
+
+    def prepare(name: str) -> Path:
+        return study.BENCHMARKS[name].prepare(args.shared, study.DATA_CACHE)
+
+    tiny_wsol_report.write_report(args.report_dir, prepare, args.out)
+
+
+cli = console_entry(main, "mmcam-tiny-wsol")
