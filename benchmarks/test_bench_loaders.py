@@ -32,7 +32,8 @@ from shared_data import shared_data_dir  # noqa: E402
 
 from mmcam_fast.data.converters import prepare_voc
 from mmcam_fast.data.dali import dali_available
-from mmcam_fast.data.loaders import DataSplits, build_datasets, build_loader, set_batch_sampler
+from mmcam_fast.data.loaders import build_loader
+from mmcam_fast.data.splits import DataSplits, build_datasets, set_batch_sampler
 
 DATA = shared_data_dir()
 WORKERS = 2

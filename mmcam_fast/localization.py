@@ -24,7 +24,8 @@ from mmcam_fast.checkpoint import load_checkpoint
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.data.datasets import WSOLDataset
 from mmcam_fast.data.images import read_rgb
-from mmcam_fast.data.loaders import build_datasets, build_loader
+from mmcam_fast.data.loaders import build_loader
+from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.data.transforms import eval_transform
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.evaluation import (

@@ -33,7 +33,8 @@ from torchvision import models as tvm
 from tqdm import tqdm
 
 from mmcam_fast.checkpoint import atomic_save, load_checkpoint
-from mmcam_fast.data.loaders import build_datasets, build_loader
+from mmcam_fast.data.loaders import build_loader
+from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.engine import resolve_amp
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.run_folder import atomic_write, atomic_write_text, check_output_folder

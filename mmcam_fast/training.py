@@ -42,7 +42,8 @@ from mmcam_fast.checkpoint import (
 from mmcam_fast.config import TrainConfig, default_run_folder
 from mmcam_fast.console import format_validation
 from mmcam_fast.curves import write_curves
-from mmcam_fast.data.loaders import build_datasets, build_loader, check_decodable, set_batch_sampler
+from mmcam_fast.data.loaders import build_loader
+from mmcam_fast.data.splits import build_datasets, check_decodable, set_batch_sampler
 from mmcam_fast.engine import Trainer
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.localization import evaluate_localization

@@ -7,7 +7,7 @@ import math
 import torch
 
 from mmcam_fast.analysis import class_centre_distances, feature_dispersion
-from mmcam_fast.data.loaders import build_datasets
+from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.models import create_model
 
 

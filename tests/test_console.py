@@ -232,7 +232,7 @@ def test_format_validation():
 def small_eval(tmp_path_factory):
     import torch
 
-    from mmcam_fast.data.loaders import build_datasets
+    from mmcam_fast.data.splits import build_datasets
     from mmcam_fast.models import create_model
 
     root = tmp_path_factory.mktemp("data") / "synthetic"

@@ -11,7 +11,8 @@ from torchvision.transforms import v2
 from mmcam_fast.data.dali import DaliLoader, dali_available
 from mmcam_fast.data.dali_spec import transform_spec
 from mmcam_fast.data.datasets import WSOLDataset
-from mmcam_fast.data.loaders import build_datasets, build_loader, resolve_backend, set_batch_sampler
+from mmcam_fast.data.loaders import build_loader, resolve_backend
+from mmcam_fast.data.splits import build_datasets, set_batch_sampler
 from mmcam_fast.data.transforms import train_transform
 from mmcam_fast.errors import ConfigError, MMCamError
 

@@ -47,7 +47,8 @@ def test_everything_works_without_dali(tmp_path):
         import sys
         sys.modules["nvidia.dali"] = None  # as if DALI were not installed
         from mmcam_fast.data.dali import dali_available
-        from mmcam_fast.data.loaders import build_datasets, build_loader, resolve_backend
+        from mmcam_fast.data.loaders import build_loader, resolve_backend
+        from mmcam_fast.data.splits import build_datasets
         from mmcam_fast.errors import ConfigError
         assert not dali_available()
         data = build_datasets("synthetic", {str(tmp_path / 'set')!r}, image_size=32,

@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 from shared_data import shared_data_dir
 
+from mmcam_fast.data.catalogue import DATA_NAMES
 from mmcam_fast.data.converters import prepare_voc
-from mmcam_fast.data.loaders import DATA_NAMES, build_datasets, build_loader, set_batch_sampler
+from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.data.metadata import write_metadata
+from mmcam_fast.data.splits import build_datasets, set_batch_sampler
 from mmcam_fast.errors import ConfigError, DataError
 
 DATA = shared_data_dir()

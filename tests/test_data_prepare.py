@@ -225,7 +225,7 @@ def test_the_pretraining_classes_are_disjoint_from_every_wsol_benchmark():
 def test_labels_only_makes_a_classification_set(tmp_path):
     """The pretraining classes come without box files: ``--labels-only`` accepts that and writes no
     boxes in any split; training code reads it with ``require_localization=False``."""
-    from mmcam_fast.data.loaders import build_datasets
+    from mmcam_fast.data.splits import build_datasets
 
     tiny = DATA / "tiny-imagenet-5"
     assert main(["tiny-imagenet", "--src", str(tiny), "--out", str(tmp_path / "cls"), "--labels-only"]) == 0

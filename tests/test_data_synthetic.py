@@ -94,7 +94,7 @@ def test_training_reads_a_prepared_folder_with_its_own_sizes(tmp_path):
     """``--data synthetic --data-root DIR`` on a folder made by ``prepare synthetic`` with other sizes
     used to delete it and generate the default set; it now reads DIR's own parameters."""
     from mmcam_fast.cli.prepare import main as prepare
-    from mmcam_fast.data.loaders import build_datasets
+    from mmcam_fast.data.splits import build_datasets
 
     root = tmp_path / "mine"
     assert prepare(["synthetic", "--out", str(root), "--num-classes", "3", "--train-per-class", "4",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.data.converters import ensure_prepared
-from mmcam_fast.data.loaders import build_datasets
+from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import report
 from mmcam_fast.experiments.execute import add_jobs_flag, resolve_jobs, run_all

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from mmcam_fast.data.loaders import build_datasets
 from mmcam_fast.data.metadata import load_metadata
+from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.errors import MMCamError
 from mmcam_fast.experiments.plan import Run
 from mmcam_fast.experiments.report import centre_prior

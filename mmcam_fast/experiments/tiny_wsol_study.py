@@ -32,8 +32,8 @@ from typing import Any
 
 from mmcam_fast.config import preset
 from mmcam_fast.data.converters import ensure_prepared, unpack_archive
-from mmcam_fast.data.loaders import build_datasets
 from mmcam_fast.data.manifest import read_class_list
+from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments.execute import run_all
 from mmcam_fast.experiments.plan import Run
