@@ -31,11 +31,11 @@ bench: setup
 # pretrained weights (experiments/pretrained/) on WSOL-20 and Tiny-ImageNet-5. Resumable: a run whose
 # result row (experiments/tiny-imagenet-wsol/rows/) exists is skipped. About 4 h of a 2-core machine.
 experiments: setup
-	$(PY) -m mmcam_fast.experiments.tiny_wsol study --shared $(SHARED_DATA)
+	$(PY) -m mmcam_fast.tiny_wsol study --shared $(SHARED_DATA)
 
 # The earlier study: ResNet18-CAM from scratch on Tiny-ImageNet-5 (experiments/tiny-imagenet-5/)
 experiments-scratch: setup
-	$(PY) -m mmcam_fast.experiments --src $(SHARED_DATA)/tiny-imagenet-5
+	$(PY) -m mmcam_fast.scratch_study --src $(SHARED_DATA)/tiny-imagenet-5
 
 # The pretrained weights the study fine-tunes from (committed; about 90 min of a 2-core machine per
 # backbone; resumable with the same command): 172 Tiny ImageNet classes, labels only, at 64 px.
@@ -43,7 +43,7 @@ TINY192 := $(SHARED_DATA)/tiny-imagenet-192
 PRETRAIN = $(PY) -m mmcam_fast.pretrain --data-root runs/data/pretrain172 --resume auto
 .PHONY: pretrain experiments-scratch
 pretrain: setup
-	$(PY) -m mmcam_fast.data.prepare tiny-imagenet --src $(TINY192)/tiny-imagenet-192.tar.gz \
+	$(PY) -m mmcam_fast.prepare tiny-imagenet --src $(TINY192)/tiny-imagenet-192.tar.gz \
 		--classes $(TINY192)/pretrain172.txt --labels-only --out runs/data/pretrain172
 	$(PRETRAIN) --arch resnet18 --epochs 8 --out runs/pretrain/resnet18 \
 		--export experiments/pretrained/resnet18-172.pth

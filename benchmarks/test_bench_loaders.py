@@ -47,7 +47,7 @@ _CACHE = Path(tempfile.mkdtemp(prefix="mmcam-bench-loaders-"))
 @cache
 def data(name: str) -> DataSplits:
     size = CASES[name][0]
-    logging.getLogger("mmcam_fast.data.prepare").setLevel(logging.ERROR)
+    logging.getLogger("mmcam_fast.prepare").setLevel(logging.ERROR)
     if name == "fruit-voc":
         return build_datasets("voc", prepare_voc(DATA / "fruit-voc", _CACHE / "fruit"), image_size=size)
     return build_datasets("tiny-imagenet", DATA / "tiny-imagenet-5", cache_root=_CACHE, image_size=size)

@@ -18,10 +18,10 @@ from mmcam_fast.errors import DataError
 SCRIPTS = {"train": ("mmcam-train", "mmcam_fast.train"),
            "evaluate": ("mmcam-evaluate", "mmcam_fast.evaluate"),
            "localize": ("mmcam-localize", "mmcam_fast.localize"),
-           "prepare": ("mmcam-prepare", "mmcam_fast.data.prepare"),
-           "experiments": ("mmcam-experiments", "mmcam_fast.experiments"),
+           "prepare": ("mmcam-prepare", "mmcam_fast.prepare"),
+           "experiments": ("mmcam-experiments", "mmcam_fast.scratch_study"),
            "pretrain": ("mmcam-pretrain", "mmcam_fast.pretrain"),
-           "tiny-wsol": ("mmcam-tiny-wsol", "mmcam_fast.experiments.tiny_wsol")}
+           "tiny-wsol": ("mmcam-tiny-wsol", "mmcam_fast.tiny_wsol")}
 
 
 @pytest.fixture(scope="module")

@@ -141,4 +141,4 @@ def test_prepared_tiny_imagenet(tmp_path, capsys):
 
 def test_a_raw_source_folder_is_named_as_not_prepared(tmp_path, capsys):
     message = fail(capsys, "--scoremap-root", tmp_path, "--data-root", DATA / "fruit-voc", "--split", "test")
-    assert "fruit-voc: not a folder made by `python -m mmcam_fast.data.prepare`" in message
+    assert "fruit-voc: not a folder made by `python -m mmcam_fast.prepare`" in message

@@ -10,7 +10,7 @@ Two ways to name the data set:
 
     mmcam-evaluate --scoremap-root runs/x/scoremaps --metadata-root metadata --dataset CUB --split test
 
-* A data set the project prepared (``python -m mmcam_fast.data.prepare synthetic|voc|tiny-imagenet
+* A data set the project prepared (``python -m mmcam_fast.prepare synthetic|voc|tiny-imagenet
   --out DIR``): give its folder as ``--data-root``, as for training. The data set is read from the
   folder (``prepared.json`` or ``synthetic.json``; ``--dataset`` may name it too, and must agree),
   the metadata from ``<data-root>/metadata/<split>/`` (``--metadata-root`` overrides it, e.g.
@@ -57,7 +57,7 @@ from mmcam_fast.localization import evaluate_checkpoint
 
 EPILOG = """score-map mode, a benchmark (metadata in <metadata-root>/<CUB|ILSVRC|OpenImages>/<split>/):
   mmcam-evaluate --scoremap-root MAPS --metadata-root metadata --dataset CUB --split test
-score-map mode, a data set made by `python -m mmcam_fast.data.prepare synthetic|voc|tiny-imagenet`
+score-map mode, a data set made by `python -m mmcam_fast.prepare synthetic|voc|tiny-imagenet`
 (data set, metadata, masks and images read from the folder):
   mmcam-evaluate --scoremap-root MAPS --data-root runs/data/synthetic --split test
   mmcam-evaluate --scoremap-root MAPS --data-root runs/data/synthetic \\
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="mode (b): data set name (default: the checkpoint's)")
     parser.add_argument("--data-root", type=Path,
                         help="mode (b): data root (default: the checkpoint's); mode (a): a folder made by "
-                             "`python -m mmcam_fast.data.prepare` (synthetic, voc, tiny-imagenet): the "
+                             "`python -m mmcam_fast.prepare` (synthetic, voc, tiny-imagenet): the "
                              "data set, metadata (<data-root>/metadata/<split>), masks and images are read "
                              "from it")
     parser.add_argument("--export-scoremaps", type=Path, metavar="DIR",
@@ -136,7 +136,7 @@ def resolve_scoremap_inputs(args: argparse.Namespace) -> str:
         kind = prepared_kind(args.data_root)
         if kind is None and args.dataset is None:
             raise DataError(f"--data-root {args.data_root}: not a folder made by `python -m "
-                            "mmcam_fast.data.prepare` (no prepared.json or synthetic.json); prepare it "
+                            "mmcam_fast.prepare` (no prepared.json or synthetic.json); prepare it "
                             "first, or give --dataset and --metadata-root")
     if args.dataset is not None:
         dataset = dataset_name(args.dataset)

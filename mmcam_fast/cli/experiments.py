@@ -1,5 +1,5 @@
-"""``python -m mmcam_fast.experiments`` (``mmcam-experiments``): the paper's claims in miniature on
-Tiny-ImageNet-5 at 64 px.
+"""``python -m mmcam_fast.scratch_study`` (``mmcam-experiments``): the paper's claims in miniature
+on Tiny-ImageNet-5 at 64 px.
 
 Trains ResNet18-CAM from scratch: per seed, one Stage I pretraining (plain CAM), then every variant
 of the study fine-tuned from it (see :mod:`mmcam_fast.experiments.plan`); evaluates each on the test
@@ -7,8 +7,8 @@ split with the protocol (model selected on val by MaxBoxAccV2); writes the repor
 to ``--report-dir``. Runs go to ``--out`` and are skipped when finished, so an interrupted study
 continues where it stopped; ``--report-only`` rebuilds the report from the finished runs.
 
-    python -m mmcam_fast.experiments                       # the whole study, docs/results.md figures
-    python -m mmcam_fast.experiments --only main --seeds 0  # plain CAM vs MinMaxCAM, one seed
+    python -m mmcam_fast.scratch_study                        # the whole study, docs/results.md figures
+    python -m mmcam_fast.scratch_study --only main --seeds 0  # plain CAM vs MinMaxCAM, one seed
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from mmcam_fast.experiments.plan import IMAGE_SIZE, Schedule, build_plan, select
 
 
 def _note(message: str) -> None:
-    print(f"mmcam_fast.experiments: {message}", file=sys.stderr, flush=True)
+    print(f"mmcam_fast.scratch_study: {message}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="mmcam_fast.experiments", description=__doc__,
+    parser = ArgumentParser(prog="mmcam_fast.scratch_study", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, required=True,
                         help="the raw Tiny-ImageNet-5 folder (`make experiments` passes "

@@ -1,4 +1,4 @@
-"""``python -m mmcam_fast.data.prepare`` (``mmcam-prepare``): convert a data set into the WSOL
+"""``python -m mmcam_fast.prepare`` (``mmcam-prepare``): convert a data set into the WSOL
 metadata format (:mod:`mmcam_fast.data.converters`) or generate the synthetic one."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from mmcam_fast.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m mmcam_fast.data.prepare",
+    parser = ArgumentParser(prog="python -m mmcam_fast.prepare",
                                      description="Convert a data set into the WSOL metadata format.")
     parser.add_argument("kind", choices=[*CONVERTERS, "synthetic"], help="the source format")
     parser.add_argument("--src", type=Path, help="the source folder (tiny-imagenet, voc)")

@@ -1,4 +1,4 @@
-"""``python -m mmcam_fast.experiments.tiny_wsol`` (``mmcam-tiny-wsol``): the pretrained-backbone study
+"""``python -m mmcam_fast.tiny_wsol`` (``mmcam-tiny-wsol``): the pretrained-backbone study
 of :mod:`mmcam_fast.experiments.tiny_wsol_study` (gate, study, report)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from mmcam_fast.experiments.execute import add_jobs_flag, resolve_jobs
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="mmcam_fast.experiments.tiny_wsol",
+        prog="mmcam_fast.tiny_wsol",
         description=study.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

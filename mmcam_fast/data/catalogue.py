@@ -7,7 +7,7 @@ from mmcam_fast.config import DATA_NAMES
 
 # --data name -> the benchmark's folder in the WSOL metadata (wsolevaluation's layout)
 BENCHMARK_FOLDERS = {"cub": "CUB", "imagenet": "ILSVRC", "openimages": "OpenImages"}
-# data sets converted into the metadata format by mmcam_fast.data.prepare (or generated)
+# data sets converted into the metadata format by mmcam_fast.prepare (or generated)
 PREPARED_DATA = tuple(name for name in DATA_NAMES if name not in BENCHMARK_FOLDERS)
 
 __all__ = ["BENCHMARK_FOLDERS", "DATA_NAMES", "PREPARED_DATA"]

@@ -1,9 +1,9 @@
 """The converters of small public data sets into the WSOL metadata format (their command line:
-``python -m mmcam_fast.data.prepare``, :mod:`mmcam_fast.cli.prepare`).
+``python -m mmcam_fast.prepare``, :mod:`mmcam_fast.cli.prepare`).
 
-    python -m mmcam_fast.data.prepare tiny-imagenet --src tiny-imagenet-200 --out runs/data/tiny
-    python -m mmcam_fast.data.prepare voc --src fruit-voc --out runs/data/fruit
-    python -m mmcam_fast.data.prepare synthetic --out runs/data/synthetic
+    python -m mmcam_fast.prepare tiny-imagenet --src tiny-imagenet-200 --out runs/data/tiny
+    python -m mmcam_fast.prepare voc --src fruit-voc --out runs/data/fruit
+    python -m mmcam_fast.prepare synthetic --out runs/data/synthetic
 
 The output folder is a complete ``--data-root``::
 

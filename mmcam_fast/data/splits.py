@@ -8,7 +8,7 @@ knows where each data set keeps its images and metadata:
 ==============  =========================================================================================
 synthetic       generated on first use into ``--data-root`` (default ``runs/data/synthetic``), then reused
                 as it is (a folder made by ``prepare synthetic`` keeps its own sizes; never rewritten)
-tiny-imagenet   a folder made by ``python -m mmcam_fast.data.prepare tiny-imagenet``; or the raw Tiny
+tiny-imagenet   a folder made by ``python -m mmcam_fast.prepare tiny-imagenet``; or the raw Tiny
                 ImageNet folder, which is then converted (metadata only, no image copies) into
                 ``<cache_root>/tiny-imagenet-<hash of its path>`` and reused from there
 voc             the same with ``prepare voc`` (fruit-voc layout)
@@ -131,7 +131,7 @@ def _prepared_root(data: str, root: Path, cache_root: Path) -> Path:
     if _looks_raw(data, root):
         digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:10]
         return ensure_prepared(data, root, cache_root / f"{data}-{digest}")
-    raise DataError(f"{root}: neither a folder made by `python -m mmcam_fast.data.prepare {data}` (no "
+    raise DataError(f"{root}: neither a folder made by `python -m mmcam_fast.prepare {data}` (no "
                     f"prepared.json) nor a raw {data} source folder (check --data-root)")
 
 

@@ -5,7 +5,7 @@ function serves score maps read from files (``mmcam-evaluate --scoremap-root``) 
 computed in memory from a model.
 
 Data sets: the protocol's benchmarks (CUB, ILSVRC alias imagenet, OpenImages) and the ones the
-project prepares (``synthetic``, ``tiny-imagenet``, ``voc``: ``python -m mmcam_fast.data.prepare``).
+project prepares (``synthetic``, ``tiny-imagenet``, ``voc``: ``python -m mmcam_fast.prepare``).
 A benchmark's name decides the metric (PxAP for OpenImages, boxes otherwise) and its masks are read
 from ``<mask_root>/OpenImages/<mask path>``, the benchmark's layout. A prepared data set's metadata
 decides: boxes in ``localization.txt`` give MaxBoxAcc / MaxBoxAccV2, masks (e.g. the synthetic set's

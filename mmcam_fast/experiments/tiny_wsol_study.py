@@ -1,4 +1,4 @@
-"""``python -m mmcam_fast.experiments.tiny_wsol``: CAM against MinMaxCAM from pretrained backbones.
+"""``python -m mmcam_fast.tiny_wsol``: CAM against MinMaxCAM from pretrained backbones.
 
 The paper's setting in miniature: ResNet18-CAM and MobileNetV2-CAM start from weights pretrained on
 172 Tiny ImageNet classes (``experiments/pretrained/``, the stand-in for ImageNet weights; rebuilt by
@@ -14,10 +14,10 @@ its result row (metrics, curves, wall time, seed, config hash) to ``experiments/
 rows/``; a run whose row exists with the same config hash is skipped, so the study continues across
 sessions and machines from what is committed (run folders stay in ``runs/``, out of git).
 
-    python -m mmcam_fast.experiments.tiny_wsol gate            # the recipe gate (val only), see GATE
-    python -m mmcam_fast.experiments.tiny_wsol study           # every run not done yet, then the report
-    python -m mmcam_fast.experiments.tiny_wsol study --only main --benchmarks wsol20
-    python -m mmcam_fast.experiments.tiny_wsol report          # the report from the committed rows
+    python -m mmcam_fast.tiny_wsol gate            # the recipe gate (val only), see GATE
+    python -m mmcam_fast.tiny_wsol study           # every run not done yet, then the report
+    python -m mmcam_fast.tiny_wsol study --only main --benchmarks wsol20
+    python -m mmcam_fast.tiny_wsol report          # the report from the committed rows
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ PRETRAINED_DIR = Path("experiments/pretrained")  # --pretrained-dir
 BACKBONES = ("resnet18", "mobilenet_v2")
 SEEDS = (0, 1, 2)
 SWEEP_SEEDS = (0,)
-DATA_CACHE = Path("runs/data")  # prepared benchmarks and the extracted archive (as `mmcam_fast.data.prepare`)
+DATA_CACHE = Path("runs/data")  # prepared benchmarks and the extracted archive (as `mmcam_fast.prepare`)
 BATCH = 60  # images per batch, N x S, in every run (Table 4 changes S at this batch)
 
 
@@ -330,7 +330,7 @@ def make_row(
 
 
 def _note(message: str) -> None:
-    print(f"mmcam_fast.experiments.tiny_wsol: {message}", file=sys.stderr, flush=True)
+    print(f"mmcam_fast.tiny_wsol: {message}", file=sys.stderr, flush=True)
 
 
 def execute(
