@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from mmcam_kernels import CAM_EPS, at_least_fp32_dtype, check_set_size
+from mmcam_kernels import CAM_EPS, at_least_fp32_dtype, check_set_batch
 from torch import nn
 
 from mmcam_fast import ops
@@ -102,7 +102,7 @@ def stage2_core(backbone: nn.Module, weight: torch.Tensor, images: torch.Tensor,
     ``mask="feature"`` (an ablation, plain PyTorch whatever ``kernels`` says) multiplies the feature
     map by the normalized CAM instead of the image: ``f = g(F * H)``, gradients into ``W`` through H.
     """
-    check_set_size(images.shape[0], set_size)
+    check_set_batch(images.shape[0], set_size)
     if mask not in STAGE2_MASKS:
         raise ValueError(f"mask={mask!r}: choose one of {', '.join(STAGE2_MASKS)}")
     with torch.no_grad():

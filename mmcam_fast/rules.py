@@ -23,7 +23,7 @@ def check_cam_curve_interval(cam_curve_interval: float, flag: str = "--cam-curve
 
 def check_set_size(set_size: int, flag: str = "--set-size") -> int:
     """S for MinMaxCAM: at least :data:`MIN_SET_SIZE` (CRR compares images within a set), the bound
-    the kernels' ``check_set_size`` holds the batches to."""
+    the kernels' ``check_set_batch`` holds every batch to (with whole sets in it)."""
     if set_size < MIN_SET_SIZE:
         raise ConfigError(f"{flag} must be at least {MIN_SET_SIZE} (CRR compares images within a set), "
                           f"got {set_size}")

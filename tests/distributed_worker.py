@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from mmcam_fast import training as runner
+from mmcam_fast import training
 from mmcam_fast.checkpoint import unwrap
 from mmcam_fast.cli import run_main
 from mmcam_fast.cli.train import main as train_main
@@ -24,10 +24,10 @@ from mmcam_fast.cli.train import main as train_main
 RANK = int(os.environ.get("RANK", "0"))
 KILL_AT_STEP = int(os.environ.get("MMCAM_TEST_KILL_AT_STEP", "0"))
 FIRST_ATTEMPT = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-_trainers: list[runner.Trainer] = []
+_trainers: list[training.Trainer] = []
 
 
-class _RecordingTrainer(runner.Trainer):
+class _RecordingTrainer(training.Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.steps_here = 0
@@ -41,7 +41,7 @@ class _RecordingTrainer(runner.Trainer):
 
 
 def main(argv: list[str] | None) -> None:
-    runner.Trainer = _RecordingTrainer
+    training.Trainer = _RecordingTrainer
     result = train_main(argv)  # the entry point itself: rank 0 alone prints the summary line
     trainer = _trainers[-1]
     torch.save({"model": unwrap(trainer.model).state_dict(), "optimizer": trainer.optimizer.state_dict(),

@@ -35,7 +35,7 @@ FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--feature-stride", "1
 _CHILD = textwrap.dedent("""
     import os, sys
     point, n = sys.argv[1], int(sys.argv[2])
-    import mmcam_fast.training as runner
+    import mmcam_fast.training as training
     from mmcam_fast.engine import Trainer
     from mmcam_fast.metric_log import MetricLog
     calls = {"n": 0}
@@ -62,14 +62,14 @@ _CHILD = textwrap.dedent("""
             return original_flush(self)
         MetricLog.flush = flush
     elif point == "checkpoint":
-        original_save = runner.atomic_save
+        original_save = training.atomic_save
         def atomic_save(obj, path):
             if due():
                 from pathlib import Path
                 Path(path).parent.joinpath("." + Path(path).name + ".dead.tmp").write_bytes(b"PK\\x03\\x04")
                 os._exit(137)
             return original_save(obj, path)
-        runner.atomic_save = atomic_save
+        training.atomic_save = atomic_save
     from mmcam_fast.cli.train import cli
     sys.argv = ["mmcam-train", *sys.argv[3:]]
     cli()

@@ -16,7 +16,7 @@ from .cam_mask import CAM_EPS, CamMaskFunction, at_least_fp32_dtype, cam_mask, c
 from .set_regularizers import (
     MIN_SET_SIZE,
     SetRegularizersFunction,
-    check_set_size,
+    check_set_batch,
     set_regularizers,
     set_regularizers_ref,
 )
@@ -31,7 +31,7 @@ __all__ = [
     "at_least_fp32_dtype",
     "cam_mask",
     "cam_mask_ref",
-    "check_set_size",
+    "check_set_batch",
     "set_regularizers",
     "set_regularizers_ref",
 ]

@@ -27,7 +27,7 @@ from ._launch import block_size, check_float_dtype, check_same_device, config, l
 MIN_SET_SIZE = 2  # CRR compares pairs within a set; the one bound (mmcam_fast.config validates with it)
 
 
-def check_set_size(batch_size: int, set_size: int) -> None:
+def check_set_batch(batch_size: int, set_size: int) -> None:
     """Raise ValueError unless the batch holds whole sets of ``set_size >= MIN_SET_SIZE`` samples."""
     if set_size < MIN_SET_SIZE:
         raise ValueError(
@@ -134,7 +134,7 @@ def _check_inputs(f: torch.Tensor, f_orig: torch.Tensor, set_size: int) -> None:
         )
     check_float_dtype(op, "f", f)
     check_float_dtype(op, "f_orig", f_orig)
-    check_set_size(f.shape[0], set_size)
+    check_set_batch(f.shape[0], set_size)
 
 
 @triton_op("mmcam::set_regularizers_fwd", mutates_args=())
@@ -216,7 +216,7 @@ def set_regularizers(
     Raises:
         ValueError: ``set_size`` below 2 or not dividing the batch.
     """
-    check_set_size(f.shape[0], set_size)
+    check_set_batch(f.shape[0], set_size)
     losses = SetRegularizersFunction.apply(f, f_orig, set_size)
     return losses[0], losses[1]
 
@@ -236,7 +236,7 @@ def set_regularizers_ref(
     O(S^2 K) per set over the explicit pairs i < j; computed in ``compute_dtype`` (also under
     autocast), by default the inputs' promoted dtype, at least fp32 (fp64 inputs stay fp64).
     """
-    check_set_size(f.shape[0], set_size)
+    check_set_batch(f.shape[0], set_size)
     if compute_dtype is None:
         compute_dtype = torch.promote_types(torch.promote_types(f.dtype, f_orig.dtype), torch.float32)
     batch, dims = f.shape
