@@ -38,7 +38,7 @@ def option(default: Any, section: str, help: str, *, none_means: str | None = No
 
 
 DataName = Literal["synthetic", "tiny-imagenet", "voc", "cub", "imagenet", "openimages"]
-# the --data names (mmcam_fast.data.loaders maps each to its folders and metadata)
+# the --data names (mmcam_fast.data.splits maps each to its folders and metadata)
 DATA_NAMES: tuple[str, ...] = typing.get_args(DataName)
 Recipe = Literal["paper", "authors"]
 Stage2Step = Literal["fc_weight", "all"]

@@ -26,8 +26,6 @@ to ``<data root>/metadata``. A train split without ``localization.txt`` (ImageNe
 train carry labels only) is read as labels only. Class names come from ``classes.txt`` in the data or
 metadata root when present, else from the train ids' folder names (CUB: ``001.Black_footed_Albatross``
 becomes ``Black_footed_Albatross``).
-
-The loader over a data set is :func:`mmcam_fast.data.loaders.build_loader`.
 """
 
 from __future__ import annotations

@@ -129,7 +129,10 @@ GATE = {
         Recipe("lr0.01-e3-r96", lr=0.01, epochs=3, lr_milestones=(2,), image_size=96),
     )
 }
-RECIPE = GATE["lr0.01-e4"]
+# The study's recipe: the gate's best on val (MaxBoxAccV2 25.0 against 23.0 for lr0.01-e4 at 64 px,
+# 22.2 for the centred Gaussian; 200 val images, one seed), 1.3x the wall time of lr0.01-e4 per run.
+# It does not pass the gate's +10 (docs/results.md says so and why).
+RECIPE = GATE["lr0.01-e3-r96"]
 
 
 @dataclass(frozen=True)
