@@ -139,7 +139,8 @@ def build_loader(dataset: WSOLDataset, *, batch_sampler: SetBatchSampler | None 
                  batch_size: int | None = None, workers: int = 0, backend: str = "torch",
                  shuffle: bool = False, drop_last: bool = False, seed: int = 0,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                 return_sizes: bool = False, rank: int = 0, world_size: int = 1) -> tuple[Any, int]:
+                 return_sizes: bool = False, rank: int = 0, world_size: int = 1,
+                 decode_device: str | None = None, parallel: bool | None = None) -> tuple[Any, int]:
     """A loader over ``dataset`` and its number of steps per epoch.
 
     Args:
@@ -147,7 +148,7 @@ def build_loader(dataset: WSOLDataset, *, batch_sampler: SetBatchSampler | None 
         batch_sampler: a ``SetBatchSampler`` for training; or give ``batch_size`` (evaluation).
         batch_size: images per batch when there is no ``batch_sampler``.
         workers: loader worker processes (``--workers``); 0 loads in the calling process. With DALI:
-            its CPU threads (at least one).
+            its CPU threads (at least one), and its Python workers when ``parallel``.
         backend: ``"torch"``, ``"dali"`` or ``"auto"`` (``--loader``, see ``resolve_backend``).
         shuffle, drop_last: for ``batch_size`` loaders.
         seed: seeds the augmentation (and the order when ``shuffle``).
@@ -156,6 +157,8 @@ def build_loader(dataset: WSOLDataset, *, batch_sampler: SetBatchSampler | None 
         return_sizes: yield a fourth tensor, the original ``(width, height)`` of each image, int64.
         rank, world_size: shard of a ``batch_size`` loader (every ``world_size``-th image from
             ``rank``); a ``SetBatchSampler`` shards by itself.
+        decode_device, parallel: DALI only (``dali.DaliLoader``): ``"mixed"`` (GPU) or ``"cpu"``
+            decoding, and a parallel external source (default: DALI's choice for the machine).
 
     Returns:
         ``(loader, steps_per_epoch)``; the loader is a ``Loader`` or a ``dali.DaliLoader``.
@@ -175,8 +178,9 @@ def build_loader(dataset: WSOLDataset, *, batch_sampler: SetBatchSampler | None 
 
         return build_dali_loader(dataset, batch_sampler=batch_sampler, batch_size=batch_size,
                                  shuffle=shuffle, drop_last=drop_last, seed=seed, workers=workers,
-                                 dtype=dtype, channels_last=channels_last, return_sizes=return_sizes,
-                                 rank=rank, world_size=world_size)
+                                 decode_device=decode_device, parallel=parallel, dtype=dtype,
+                                 channels_last=channels_last, return_sizes=return_sizes, rank=rank,
+                                 world_size=world_size)
     generator = torch.Generator()
     options: dict[str, Any] = {"num_workers": workers, "generator": generator,
                                "pin_memory": torch.cuda.is_available()}
