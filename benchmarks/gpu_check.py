@@ -1004,9 +1004,9 @@ def rank_worker(out: Path, steps: int) -> None:
     import torch
 
     from mmcam_fast import distributed
-    from mmcam_fast.checkpoint import unwrap
     from mmcam_fast.config import TrainConfig
     from mmcam_fast.engine import Trainer
+    from mmcam_fast.models import unwrap
 
     tests = _import_from(TESTS, "test_engine_fast")
     cuda = os.environ.get("MMCAM_GPU_CHECK_BACKEND") == "nccl"

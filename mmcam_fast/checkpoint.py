@@ -26,17 +26,6 @@ log = logging.getLogger(__name__)
 RESUMABLE_KEYS = ("model", "optimizer", "scheduler", "config", "step", "epoch")
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 def atomic_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync, then ``os.replace`` onto ``path``."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))

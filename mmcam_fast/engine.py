@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from mmcam_fast import distributed, ops
-from mmcam_fast.checkpoint import unwrap
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.guards import BufferSnapshot, NonFiniteGuard
 from mmcam_fast.minmaxcam import eval_mode, stage1_loss, stage2_core, stage2_losses
+from mmcam_fast.models import unwrap
 from mmcam_fast.models.backbones import NEW_LAYERS
 from mmcam_fast.models.folding import FoldedBackbone
 

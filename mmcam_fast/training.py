@@ -37,7 +37,6 @@ from mmcam_fast.checkpoint import (
     resolve_resume,
     restore_rng,
     rng_state,
-    unwrap,
 )
 from mmcam_fast.config import TrainConfig, default_run_folder
 from mmcam_fast.console import format_validation
@@ -48,7 +47,7 @@ from mmcam_fast.engine import Trainer
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.localization import evaluate_localization
 from mmcam_fast.metric_log import MetricLog
-from mmcam_fast.models import create_model
+from mmcam_fast.models import create_model, unwrap
 from mmcam_fast.run_folder import atomic_write_text, keep_lines, open_run_folder, start_afresh
 
 # Val and test splits up to this many images are decoded once before the first step, so an

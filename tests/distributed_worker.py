@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from mmcam_fast import training
-from mmcam_fast.checkpoint import unwrap
 from mmcam_fast.cli import run_main
 from mmcam_fast.cli.train import main as train_main
+from mmcam_fast.models import unwrap
 
 RANK = int(os.environ.get("RANK", "0"))
 KILL_AT_STEP = int(os.environ.get("MMCAM_TEST_KILL_AT_STEP", "0"))

@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from mmcam_fast.checkpoint import unwrap
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.engine import Trainer
 from mmcam_fast.minmaxcam import eval_mode, frozen_call
-from mmcam_fast.models import create_model
+from mmcam_fast.models import create_model, unwrap
 from mmcam_fast.models.backbones import backbone_spec
 from mmcam_fast.models.folding import FoldedBackbone
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from mmcam_fast.models.backbones import (
     DEFAULT_FEATURE_STRIDE,
     FEATURE_STRIDES,
@@ -17,7 +19,8 @@ from mmcam_fast.models.cam_model import CAMModel
 from mmcam_fast.models.pretrained import load_pretrained
 
 __all__ = ["REGISTRY", "BackboneSpec", "CAMModel", "DEFAULT_FEATURE_STRIDE", "FEATURE_STRIDES",
-           "backbone_name", "backbone_spec", "check_feature_stride", "create_model", "load_pretrained"]
+           "backbone_name", "backbone_spec", "check_feature_stride", "create_model", "load_pretrained",
+           "unwrap"]
 
 
 def create_model(name: str, num_classes: int, *, feature_stride: int | None = None,
@@ -38,3 +41,14 @@ def create_model(name: str, num_classes: int, *, feature_stride: int | None = No
     if pretrained:
         load_pretrained(model, pretrained, spec)
     return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DistributedDataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
