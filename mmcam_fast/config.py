@@ -169,9 +169,23 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def section(self, name: str) -> dict[str, Any]:
+        """The fields of one of :data:`SECTIONS`, in declaration order: ``{name: value}``.
+
+        The config stays flat (one key per flag, as ``--config`` files, ``config.yaml`` and checkpoints
+        spell it; a nested form would also make ``data`` both a section and a key); a field's section
+        is its metadata, from which the ``--help`` groups and ``config.yaml``'s headings are derived.
+        """
+        if name not in SECTIONS:
+            raise ConfigError(f"no config section {name!r}; sections: {', '.join(SECTIONS)}")
+        values = self.to_dict()
+        return {f.name: values[f.name] for f in dataclasses.fields(self) if f.metadata.get("section") == name}
+
     def save(self, path: str | Path) -> None:
-        """``config.yaml``: the values, then (as comments) where each one came from."""
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        """``config.yaml``: the values under a heading per section (flat keys, as ``--config`` reads
+        them), then (as comments) where each one came from."""
+        text = "".join(f"# -- {name}\n" + yaml.safe_dump(self.section(name), sort_keys=False)
+                       for name in SECTIONS)
         sources: dict[str, str] = getattr(self, "sources", {})
         if sources:
             by_source: dict[str, list[str]] = {}
