@@ -19,7 +19,7 @@ SCRIPTS = {"train": ("mmcam-train", "mmcam_fast.train"),
            "evaluate": ("mmcam-evaluate", "mmcam_fast.evaluate"),
            "localize": ("mmcam-localize", "mmcam_fast.localize"),
            "prepare": ("mmcam-prepare", "mmcam_fast.prepare"),
-           "experiments": ("mmcam-experiments", "mmcam_fast.scratch_study"),
+           "scratch-study": ("mmcam-scratch-study", "mmcam_fast.scratch_study"),
            "pretrain": ("mmcam-pretrain", "mmcam_fast.pretrain"),
            "tiny-wsol": ("mmcam-tiny-wsol", "mmcam_fast.tiny_wsol")}
 
@@ -50,7 +50,7 @@ def bad_inputs(tmp_path_factory):
                      (["--checkpoint", str(notckpt), str(afile)], "notckpt.pt")],
         "prepare": [(["voc", "--out", str(root / "p")], "--src"),
                     (["voc", "--src", str(root / "nowhere"), "--out", str(root / "p")], "nowhere")],
-        "experiments": [(["--src", str(root), "--jobs", "0"], "--jobs")],
+        "scratch-study": [(["--src", str(root), "--jobs", "0"], "--jobs")],
         "pretrain": [(["--data-root", str(root), "--arch", "vgg", "--out", str(root / "pt")],
                       "--arch 'vgg'")],
         "tiny-wsol": [(["study", "--shared", str(root), "--jobs", "0"], "--jobs"),

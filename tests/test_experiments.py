@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmcam_fast.cli.experiments import main
+from mmcam_fast.cli.scratch_study import main
 from mmcam_fast.experiments.plan import GROUPS, PAPER, VARIANTS, Schedule, build_plan, select_variants
 from mmcam_fast.experiments.report import _smooth
 

@@ -1,4 +1,4 @@
-"""``python -m mmcam_fast.scratch_study`` (``mmcam-experiments``): the paper's claims in miniature
+"""``python -m mmcam_fast.scratch_study`` (``mmcam-scratch-study``): the paper's claims in miniature
 on Tiny-ImageNet-5 at 64 px.
 
 Trains ResNet18-CAM from scratch: per seed, one Stage I pretraining (plain CAM), then every variant
@@ -111,4 +111,4 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(info))
 
 
-cli = console_entry(main, "mmcam-experiments")
+cli = console_entry(main, "mmcam-scratch-study")
