@@ -108,6 +108,11 @@ def test_a_cut_down_study_writes_rows_skips_them_and_reports(shared_data, tmp_pa
     assert "MinMaxCAM - CAM" in report and "centred Gaussian" in report
     priors = json.loads((tmp_path / "report" / "centre_prior.json").read_text())
     assert priors["tiny5"]["test"]["images"] == 250
+    # the pair's score-map agreement, computed from the two run folders and cached
+    (pair,) = json.loads((tmp_path / "report" / "agreement.json").read_text()).values()
+    assert pair["images"] == 250 and -1 <= pair["p10_corr"] <= pair["median_corr"] <= 1
+    assert 0 <= pair["mean_abs_diff"] <= 1 and 0 <= pair["top1_agree"] <= 1
+    assert "| tiny5 | resnet18 | 0 | 250 |" in report
 
     # a second invocation finds both rows and trains nothing; a stale row (other config) is rerun
     capsys.readouterr()

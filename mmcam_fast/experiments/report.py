@@ -255,7 +255,6 @@ def plot_overlays(cam_run: Run, minmax_run: Run, test: WSOLDataset, path: Path, 
     import cv2
     import matplotlib.pyplot as plt
 
-
     step = max(1, len(test) // count)  # spread over the split
     picked = range(0, step * count, step)[:count]
     ids = [test.image_id(k) for k in picked]

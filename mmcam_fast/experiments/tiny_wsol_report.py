@@ -4,7 +4,8 @@ Written to the report folder (``experiments/tiny-imagenet-wsol/``): ``report.md`
 one main table per benchmark and backbone with the paired difference MinMaxCAM - CAM and its 95 %
 interval over seeds, the sweeps, the dispersion analysis, the centred-Gaussian baseline, wall times),
 ``summary.csv``, ``sweeps.png``, ``curves.png`` and, where the run folders are at hand,
-``overlays.png`` (the same test images under CAM and MinMaxCAM).
+``overlays.png`` (the same test images under CAM and MinMaxCAM) and the score-map agreement of each
+main pair (cached in ``agreement.json``, so the table stays when the folders are gone).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mmcam_fast.errors import MMCamError
 from mmcam_fast.experiments.plan import Run
 from mmcam_fast.experiments.report import centre_prior
 from mmcam_fast.experiments.report import plot_overlays as draw
+from mmcam_fast.localization import load_trained_model, predict_scoremaps
 
 # t quantiles (0.975) for the 95 % interval of a mean over n paired seeds (n - 1 degrees of freedom)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -404,9 +406,77 @@ def plot_overlays(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str]
         root = prepare("wsol20")
     except MMCamError:  # no data here: the committed figure stays
         return False
-    test = build_datasets("tiny-imagenet", root, image_size=64).test
+    size = next(r["flags"]["image_size"] for r in rows if r["variant"] == "cam" and r["seed"] == 0
+                and (r["benchmark"], r["backbone"]) == ("wsol20", "resnet18"))
+    test = build_datasets("tiny-imagenet", root, image_size=size).test  # the runs' input size
     draw(found["cam"], found["minmaxcam"], test, path, count)
     return True
+
+
+AGREEMENT_IMAGES = 300  # the first test images of a pair's agreement
+
+
+def _main_pairs(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """Main pairs (benchmark, backbone, seed) -> {variant: row}, for pairs with both rows."""
+    pairs: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for row in rows:
+        if "main" in row["groups"] and row["variant"] in ("cam", "minmaxcam"):
+            pairs.setdefault((row["benchmark"], row["backbone"], row["seed"]), {})[row["variant"]] = row
+    return {k: v for k, v in pairs.items() if len(v) == 2}
+
+
+def map_agreement(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str], Path],
+                  report_dir: Path) -> str:
+    """How alike the CAM and MinMaxCAM score maps of each main pair are on the same test images: the
+    per-image Pearson correlation (median and 10th percentile), the mean absolute difference of the
+    maps (in [0, 1]) and how often the top-1 classes agree. Computed where both run folders are here,
+    cached in ``agreement.json`` under the two rows' config hashes."""
+    cache = report_dir / "agreement.json"
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    changed = False
+    lines = []
+    for (benchmark, backbone, seed), pair in sorted(_main_pairs(rows).items()):
+        key = f"{pair['cam']['config_hash']}-{pair['minmaxcam']['config_hash']}"
+        if key not in known:
+            folders = [out / benchmark / backbone / f"{pair[v]['key']}-{pair[v]['config_hash']}"
+                       for v in ("cam", "minmaxcam")]
+            if not all((f / "checkpoints" / "best.pt").is_file() for f in folders):
+                continue
+            try:
+                root = prepare(benchmark)
+            except MMCamError:
+                continue
+            test = build_datasets("tiny-imagenet", root, image_size=pair["cam"]["flags"]["image_size"]).test
+            maps = []
+            for folder in folders:
+                model, _, _ = load_trained_model(folder / "checkpoints" / "best.pt")
+                found = []
+                for item in predict_scoremaps(model, test, batch_size=50):
+                    found.append(item)
+                    if len(found) == AGREEMENT_IMAGES:
+                        break
+                maps.append(found)
+            pairs = list(zip(*maps, strict=True))  # ((id, map, top-5, probs) of CAM, of MinMaxCAM)
+            corr = [float(np.corrcoef(c[1].ravel(), m[1].ravel())[0, 1]) for c, m in pairs]
+            known[key] = {
+                "images": len(corr), "median_corr": float(np.median(corr)),
+                "p10_corr": float(np.percentile(corr, 10)),
+                "mean_abs_diff": float(np.mean([np.abs(c[1] - m[1]).mean() for c, m in pairs])),
+                "top1_agree": float(np.mean([c[2][0] == m[2][0] for c, m in pairs])),
+            }
+            changed = True
+        got = known[key]
+        lines.append(f"| {benchmark} | {backbone} | {seed} | {got['images']} | {got['median_corr']:.3f} "
+                     f"| {got['p10_corr']:.3f} | {got['mean_abs_diff']:.3f} "
+                     f"| {100 * got['top1_agree']:.1f} % |")
+    if changed:
+        cache.write_text(json.dumps(known, indent=1) + "\n")
+    if not lines:
+        return ""
+    return "\n".join([
+        "| benchmark | backbone | seed | test images | median corr | 10th pct corr | mean abs diff "
+        "| top-1 agree |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |", *lines]) + "\n"
 
 
 def write_report(report_dir: Path, prepare: Callable[[str], Path], out: Path) -> Path:
@@ -450,6 +520,9 @@ def write_report(report_dir: Path, prepare: Callable[[str], Path], out: Path) ->
         "centre, test",
         "",
         dispersion_table(rows) or "No dispersion yet.\n",
+        "## Score-map agreement of each main pair (CAM and MinMaxCAM, same seed, same test images)",
+        "",
+        map_agreement(out, rows, prepare, report_dir) or "No pair with both run folders here yet.\n",
         "## Wall time",
         "",
         f"{len(rows)} study runs, {sum(walls) / 3600:.2f} h of run wall time in all (each run on one core, "
