@@ -25,6 +25,7 @@ from mmcam_fast.errors import MMCamError
 from mmcam_fast.experiments.plan import Run
 from mmcam_fast.experiments.report import centre_prior
 from mmcam_fast.experiments.report import plot_overlays as draw
+from mmcam_fast.experiments.tiny_wsol_study import run_folder
 from mmcam_fast.localization import load_trained_model, predict_scoremaps
 
 # t quantiles (0.975) for the 95 % interval of a mean over n paired seeds (n - 1 degrees of freedom)
@@ -391,29 +392,27 @@ def plot_overlays(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str]
                   count: int = 8) -> bool:
     """The same test images under CAM and MinMaxCAM (seed 0, WSOL-20, ResNet18), when both run folders
     are here (they are not committed; the figure is)."""
-    found = {}
-    for row in rows:
-        if (row["benchmark"], row["backbone"], row["seed"]) == ("wsol20", "resnet18", 0) and row[
-            "variant"
-        ] in ("cam", "minmaxcam"):
-            folder = out / "wsol20" / "resnet18" / f"{row['key']}-{row['config_hash']}"
-            if (folder / "checkpoints" / "best.pt").is_file():
-                found[row["variant"]] = Run(row["variant"], 0, folder, {})
-    if len(found) < 2:
+    pair = _main_pairs(rows).get(("wsol20", "resnet18", 0))
+    if pair is None:
         return False
-
+    found = {variant: Run(variant, 0, _row_folder(out, row), {}) for variant, row in pair.items()}
+    if not all((run.folder / "checkpoints" / "best.pt").is_file() for run in found.values()):
+        return False
     try:
         root = prepare("wsol20")
     except MMCamError:  # no data here: the committed figure stays
         return False
-    size = next(r["flags"]["image_size"] for r in rows if r["variant"] == "cam" and r["seed"] == 0
-                and (r["benchmark"], r["backbone"]) == ("wsol20", "resnet18"))
+    size = pair["cam"]["flags"]["image_size"]
     test = build_datasets("tiny-imagenet", root, image_size=size).test  # the runs' input size
     draw(found["cam"], found["minmaxcam"], test, path, count)
     return True
 
 
 AGREEMENT_IMAGES = 300  # the first test images of a pair's agreement
+
+
+def _row_folder(out: Path, row: dict[str, Any]) -> Path:
+    return run_folder(out, row["benchmark"], row["backbone"], row["key"], row["config_hash"])
 
 
 def _main_pairs(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
@@ -438,8 +437,7 @@ def map_agreement(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str]
     for (benchmark, backbone, seed), pair in sorted(_main_pairs(rows).items()):
         key = f"{pair['cam']['config_hash']}-{pair['minmaxcam']['config_hash']}"
         if key not in known:
-            folders = [out / benchmark / backbone / f"{pair[v]['key']}-{pair[v]['config_hash']}"
-                       for v in ("cam", "minmaxcam")]
+            folders = [_row_folder(out, pair[v]) for v in ("cam", "minmaxcam")]
             if not all((f / "checkpoints" / "best.pt").is_file() for f in folders):
                 continue
             try:

@@ -395,8 +395,13 @@ def execute(
     run_all(plan_runs, jobs, note=_note, on_done=finished)
 
 
+def run_folder(out: Path, benchmark: str, backbone: str, key: str, config_hash: str) -> Path:
+    """Where a study run trains: ``<out>/<benchmark>/<backbone>/<key>-<config hash>``."""
+    return out / benchmark / backbone / f"{key}-{config_hash}"
+
+
 def _folder(out: Path, run: StudyRun) -> Path:
-    return out / run.benchmark / run.backbone / f"{run.key}-{run.config_hash()}"
+    return run_folder(out, run.benchmark, run.backbone, run.key, run.config_hash())
 
 
 _TESTS: dict[str, Any] = {}
