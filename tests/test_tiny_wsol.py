@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,15 @@ from torchvision import models as tvm
 from mmcam_fast.cli import tiny_wsol
 from mmcam_fast.experiments import tiny_wsol_study
 from mmcam_fast.experiments.tiny_wsol_report import paired_difference
-from mmcam_fast.experiments.tiny_wsol_study import BATCH, GROUPS, RECIPE, build_plan, gate_runs, variants_for
+from mmcam_fast.experiments.tiny_wsol_study import (
+    BATCH,
+    GROUPS,
+    RECIPE,
+    SWEEP_RECIPE,
+    build_plan,
+    gate_runs,
+    variants_for,
+)
 from mmcam_fast.pretraining import export_state_dict
 
 
@@ -30,13 +39,19 @@ def test_variants_change_one_thing_from_each_backbones_paper_setting():
         variants = {v.name: v for v in variants_for(backbone)}
         assert (variants["cam"].lambda_crr, variants["cam"].lambda_frr) == (0.0, 0.0)
         minmax = variants["minmaxcam"]
-        assert (minmax.lambda_crr, minmax.lambda_frr) == paper and set(minmax.groups) == set(GROUPS)
-        crr = sorted(v.lambda_crr for v in variants.values() if "lambda_crr" in v.groups)
-        frr = sorted(v.lambda_frr for v in variants.values() if "lambda_frr" in v.groups)
+        groups = set(GROUPS) if backbone == "resnet18" else {"main", "lambda_crr", "lambda_frr"}
+        assert (minmax.lambda_crr, minmax.lambda_frr) == paper and set(minmax.groups) == groups
+        assert set(variants["cam"].groups) == groups  # each sweep's reference points
+        points = [v for v in variants.values() if v.name != "cam"]
+        crr = sorted(v.lambda_crr for v in points if "lambda_crr" in v.groups)
+        frr = sorted(v.lambda_frr for v in points if "lambda_frr" in v.groups)
         assert crr == frr == [0.0, 0.1, 1.0, 10.0]  # the paper's point once, as minmaxcam
-        assert {v.lambda_frr for v in variants.values() if "lambda_crr" in v.groups} == {paper[1]}
-        assert {v.lambda_crr for v in variants.values() if "lambda_frr" in v.groups} == {paper[0]}
+        assert {v.lambda_frr for v in points if "lambda_crr" in v.groups} == {paper[1]}
+        assert {v.lambda_crr for v in points if "lambda_frr" in v.groups} == {paper[0]}
         sizes = {v.set_size: v.flags()["sets_per_batch"] for v in variants.values() if "set_size" in v.groups}
+        if backbone != "resnet18":  # Tables 3 and 4 on ResNet18 only
+            assert sizes == {} and "feature_mask" not in variants
+            continue
         assert sizes == {2: 30, 3: 20, 4: 15, 5: 12} and all(s * n == BATCH for s, n in sizes.items())
         assert variants["feature_mask"].stage2_mask == "feature"
 
@@ -47,10 +62,19 @@ def test_the_plan_pairs_cam_and_minmaxcam_over_three_seeds_and_sweeps_once(tmp_p
     runs = build_plan(["wsol20", "tiny5"], ["resnet18", "mobilenet_v2"], list(GROUPS),
                       pretrained_dir=tmp_path)
     keys = [r.key for r in runs]
-    assert len(keys) == len(set(keys)) == 24 + 20  # main: 2 x 2 x 2 x 3; sweeps: 10 per backbone
+    # main: 2 benchmarks x 2 backbones x 2 methods x 3 seeds; sweeps: CAM, the paper's lambdas and
+    # 3 + 3 lambda points per backbone, 3 set sizes and feature masking for ResNet18
+    assert len(keys) == len(set(keys)) == 24 + 12 + 8
     main = [r for r in runs if "main" in r.groups]
+    sweeps = [r for r in runs if "main" not in r.groups]
     assert len(main) == 24 and {r.seed for r in main} == {0, 1, 2}
-    assert all(r.benchmark == "wsol20" for r in runs if set(r.groups) - {"main"})
+    assert all(r.benchmark == "wsol20" and r.seed == 0 and "-sweep-" in r.key for r in sweeps)
+    assert {r.recipe for r in main} == {RECIPE} and {r.recipe for r in sweeps} == {SWEEP_RECIPE}
+    assert SWEEP_RECIPE.epochs * SWEEP_RECIPE.max_steps_per_epoch == 160
+    flags = {k: v for k, v in SWEEP_RECIPE.flags().items() if RECIPE.flags().get(k) != v}
+    assert flags == {"epochs": 2, "lr_milestones": [1], "max_steps_per_epoch": 80}
+    reference = next(r for r in sweeps if r.key == "wsol20-resnet18-minmaxcam-sweep-seed0")
+    assert set(reference.groups) == set(GROUPS) - {"main"}  # one run, in every sweep
     for run in main:  # paired: the same weights and seed, the method the only difference
         cam, minmax = (next(r for r in main if (r.benchmark, r.backbone, r.seed, r.variant.name) ==
                             (run.benchmark, run.backbone, run.seed, v)) for v in ("cam", "minmaxcam"))
@@ -160,3 +184,31 @@ def test_a_failed_run_is_one_error_naming_its_folder(tmp_path):
     with pytest.raises(RunFailed, match=r"failed runs .*bad"):
         run_all([bad], 1, note=lambda _: None, on_done=lambda run, wall: finished.append(run.name))
     assert finished == [] and "--backbone 'nope'" in (tmp_path / "bad" / "train.log").read_text()
+
+
+def test_the_sweeps_use_their_own_recipe_and_reference_points(tmp_path):
+    from mmcam_fast.experiments.tiny_wsol_report import plot_sweeps, sweep_table
+
+    _weights(tmp_path)
+    rows = []
+    for run in build_plan(["wsol20"], ["resnet18"], list(GROUPS), pretrained_dir=tmp_path):
+        if run.seed != 0:
+            continue
+        v = run.variant
+        score = 20.0 + v.lambda_crr + v.lambda_frr / 10 + v.set_size / 100 + ("main" in run.groups) * 50
+        rows.append({
+            "key": run.key, "benchmark": run.benchmark, "backbone": run.backbone, "variant": v.name,
+            "groups": list(run.groups), "seed": 0, "lambda_crr": v.lambda_crr, "lambda_frr": v.lambda_frr,
+            "set_size": v.set_size, "stage2_mask": v.stage2_mask, "recipe": asdict(run.recipe),
+            "flags": run.flags(),
+            "test": {"maxboxacc": score - 1, "maxboxacc_v2": score, "top1_cls": 50.0,
+                     "per_iou": {"30": 0.0, "50": 0.0, "70": 0.0}},
+        })
+    table = sweep_table(rows)
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(lines) == 12  # the sweeps' runs only: no main-recipe row (its score would be >= 70)
+    assert all(float(line.split("|")[8]) < 70 for line in lines)
+    assert lines[0].startswith("| cam | 0 | 0 |") and lines[1].startswith("| minmaxcam | 1 | 1 |")
+    assert f"`{SWEEP_RECIPE.name}` (160 steps" in table
+    assert plot_sweeps(rows, {}, tmp_path / "sweeps.png") and (tmp_path / "sweeps.png").stat().st_size > 0
+    assert not plot_sweeps([r for r in rows if "main" in r["groups"]], {}, tmp_path / "none.png")

@@ -69,18 +69,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _cut(recipe: study.Recipe, epochs: int | None, max_steps: int | None) -> study.Recipe:
+    """A cut-down copy of a recipe (tests, smoke runs): another name, so another config hash."""
+    epochs = epochs or recipe.epochs
+    return replace(
+        recipe,
+        name=f"{recipe.name}-cut",
+        epochs=epochs,
+        lr_milestones=tuple(m for m in recipe.lr_milestones if m < epochs) or (max(1, epochs - 1),),
+        max_steps_per_epoch=max_steps if max_steps is not None else recipe.max_steps_per_epoch,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     jobs = args.jobs
-    recipe = study.RECIPE
+    recipe, sweep_recipe = study.RECIPE, study.SWEEP_RECIPE
     if args.epochs is not None or args.max_steps_per_epoch is not None:
-        epochs = args.epochs or recipe.epochs
-        recipe = replace(
-            recipe,
-            name=f"{recipe.name}-cut",
-            epochs=epochs,
-            lr_milestones=tuple(m for m in recipe.lr_milestones if m < epochs) or (max(1, epochs - 1),),
-            max_steps_per_epoch=args.max_steps_per_epoch,
+        recipe, sweep_recipe = (
+            _cut(r, args.epochs, args.max_steps_per_epoch) for r in (recipe, sweep_recipe)
         )
     if args.action == "gate":
         runs = [
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
             tuple(args.seeds),
             tuple(args.sweep_seeds),
             args.pretrained_dir,
+            sweep_recipe,
         )
         report_dir = args.report_dir
     if args.dry_run:

@@ -25,7 +25,7 @@ from mmcam_fast.errors import MMCamError
 from mmcam_fast.experiments.plan import Run
 from mmcam_fast.experiments.report import centre_prior
 from mmcam_fast.experiments.report import plot_overlays as draw
-from mmcam_fast.experiments.tiny_wsol_study import run_folder
+from mmcam_fast.experiments.tiny_wsol_study import SWEEP_GROUPS, run_folder
 from mmcam_fast.localization import load_trained_model, predict_scoremaps
 
 # t quantiles (0.975) for the 95 % interval of a mean over n paired seeds (n - 1 degrees of freedom)
@@ -90,8 +90,9 @@ def _cell(mean: float, std: float, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def centre_priors(prepare: Callable[[str], Path], report_dir: Path, names: set[str]
-                  ) -> dict[str, dict[str, Any]]:
+def centre_priors(
+    prepare: Callable[[str], Path], report_dir: Path, names: set[str]
+) -> dict[str, dict[str, Any]]:
     """The centred-Gaussian baseline on the val and test splits of the benchmarks ``names`` (cached in
     the report dir, so the report can be rebuilt without the data)."""
     cache = report_dir / "centre_prior.json"
@@ -178,20 +179,23 @@ def _minmax_label(rows: list[dict[str, Any]]) -> str:
     return f"minmaxcam (λ {row['lambda_crr']:g}/{row['lambda_frr']:g})"
 
 
+def _is_sweep(row: dict[str, Any]) -> bool:
+    """A sweep run (the sweeps' own recipe), its reference points included; main runs are not."""
+    return "main" not in row["groups"] and bool(set(row["groups"]) & set(SWEEP_GROUPS))
+
+
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     lines = []
     for backbone in ("resnet18", "mobilenet_v2"):
-        mine = [
-            r
-            for r in rows
-            if r["benchmark"] == "wsol20"
-            and r["backbone"] == backbone
-            and set(r["groups"]) & {"lambda_crr", "lambda_frr", "set_size", "masking"}
-        ]
+        mine = [r for r in rows if r["benchmark"] == "wsol20" and r["backbone"] == backbone and _is_sweep(r)]
         if not mine:
             continue
+        recipe = mine[0]["recipe"]
+        steps = recipe["epochs"] * recipe["max_steps_per_epoch"] if recipe["max_steps_per_epoch"] else None
         lines += [
             f"#### Sweeps, {BENCHMARK_TITLES['wsol20']}, {backbone}-CAM (test split, seed 0)",
+            "",
+            f"Recipe `{recipe['name']}`" + (f" ({steps} steps; {recipe['note']})" if steps else "") + ".",
             "",
             "| variant | λ_crr | λ_frr | S | N | mask | MaxBoxAcc | MaxBoxAccV2 | Top-1 Cls |",
             "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
@@ -199,7 +203,7 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
         for row in sorted(
             mine,
             key=lambda r: (
-                r["groups"][0] if r["variant"] != "minmaxcam" else "",
+                {"cam": "0", "minmaxcam": "1"}.get(r["variant"], r["groups"][0]),
                 r["lambda_crr"],
                 r["lambda_frr"],
                 r["set_size"],
@@ -285,7 +289,8 @@ def plot_sweeps(rows: list[dict[str, Any]], priors: dict[str, Any], path: Path) 
         b
         for b in ("resnet18", "mobilenet_v2")
         if any(
-            r["backbone"] == b and r["benchmark"] == "wsol20" and "lambda_crr" in r["groups"] for r in rows
+            r["backbone"] == b and r["benchmark"] == "wsol20" and "lambda_crr" in r["groups"] and _is_sweep(r)
+            for r in rows
         )
     ]
     if not backbones:
@@ -294,9 +299,12 @@ def plot_sweeps(rows: list[dict[str, Any]], priors: dict[str, Any], path: Path) 
     fig, axes = plt.subplots(len(backbones), 3, figsize=(15, 3.8 * len(backbones)), squeeze=False)
     for line, backbone in zip(axes, backbones, strict=True):
         mine = [
-            r for r in rows if r["backbone"] == backbone and r["benchmark"] == "wsol20" and r["seed"] == 0
+            r
+            for r in rows
+            if r["backbone"] == backbone and r["benchmark"] == "wsol20" and r["seed"] == 0 and _is_sweep(r)
         ]
-        cam = next((r for r in mine if r["variant"] == "cam"), None)
+        cam = next((r for r in mine if r["variant"] == "cam"), None)  # at the sweeps' recipe
+        mine = [r for r in mine if r["variant"] != "cam"]
         for ax, (group, key, label) in zip(
             line,
             (
@@ -307,7 +315,8 @@ def plot_sweeps(rows: list[dict[str, Any]], priors: dict[str, Any], path: Path) 
             strict=True,
         ):
             points = sorted((r for r in mine if group in r["groups"]), key=lambda r: r[key])
-            if not points:
+            if not points:  # Table 4 (S) is run for ResNet18 only
+                ax.axis("off")
                 continue
             xs = range(len(points))
             for metric, color in (("maxboxacc", "tab:orange"), ("maxboxacc_v2", "tab:purple")):
@@ -388,8 +397,9 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
-def plot_overlays(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str], Path], path: Path,
-                  count: int = 8) -> bool:
+def plot_overlays(
+    out: Path, rows: list[dict[str, Any]], prepare: Callable[[str], Path], path: Path, count: int = 8
+) -> bool:
     """The same test images under CAM and MinMaxCAM (seed 0, WSOL-20, ResNet18), when both run folders
     are here (they are not committed; the figure is)."""
     pair = _main_pairs(rows).get(("wsol20", "resnet18", 0))
@@ -424,8 +434,9 @@ def _main_pairs(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[s
     return {k: v for k, v in pairs.items() if len(v) == 2}
 
 
-def map_agreement(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str], Path],
-                  report_dir: Path) -> str:
+def map_agreement(
+    out: Path, rows: list[dict[str, Any]], prepare: Callable[[str], Path], report_dir: Path
+) -> str:
     """How alike the CAM and MinMaxCAM score maps of each main pair are on the same test images: the
     per-image Pearson correlation (median and 10th percentile), the mean absolute difference of the
     maps (in [0, 1]) and how often the top-1 classes agree. Computed where both run folders are here,
@@ -457,24 +468,34 @@ def map_agreement(out: Path, rows: list[dict[str, Any]], prepare: Callable[[str]
             pairs = list(zip(*maps, strict=True))  # ((id, map, top-5, probs) of CAM, of MinMaxCAM)
             corr = [float(np.corrcoef(c[1].ravel(), m[1].ravel())[0, 1]) for c, m in pairs]
             known[key] = {
-                "images": len(corr), "median_corr": float(np.median(corr)),
+                "images": len(corr),
+                "median_corr": float(np.median(corr)),
                 "p10_corr": float(np.percentile(corr, 10)),
                 "mean_abs_diff": float(np.mean([np.abs(c[1] - m[1]).mean() for c, m in pairs])),
                 "top1_agree": float(np.mean([c[2][0] == m[2][0] for c, m in pairs])),
             }
             changed = True
         got = known[key]
-        lines.append(f"| {benchmark} | {backbone} | {seed} | {got['images']} | {got['median_corr']:.3f} "
-                     f"| {got['p10_corr']:.3f} | {got['mean_abs_diff']:.3f} "
-                     f"| {100 * got['top1_agree']:.1f} % |")
+        lines.append(
+            f"| {benchmark} | {backbone} | {seed} | {got['images']} | {got['median_corr']:.3f} "
+            f"| {got['p10_corr']:.3f} | {got['mean_abs_diff']:.3f} "
+            f"| {100 * got['top1_agree']:.1f} % |"
+        )
     if changed:
         cache.write_text(json.dumps(known, indent=1) + "\n")
     if not lines:
         return ""
-    return "\n".join([
-        "| benchmark | backbone | seed | test images | median corr | 10th pct corr | mean abs diff "
-        "| top-1 agree |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |", *lines]) + "\n"
+    return (
+        "\n".join(
+            [
+                "| benchmark | backbone | seed | test images | median corr | 10th pct corr | mean abs diff "
+                "| top-1 agree |",
+                "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+                *lines,
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_report(report_dir: Path, prepare: Callable[[str], Path], out: Path) -> Path:
