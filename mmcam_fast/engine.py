@@ -57,6 +57,9 @@ def native_bf16(device_type: str) -> bool:
     return device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def resolve_amp(amp: str, device_type: str) -> torch.dtype | None:
     """The autocast dtype of the fast engine.
 

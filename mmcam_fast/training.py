@@ -43,7 +43,7 @@ from mmcam_fast.console import format_validation
 from mmcam_fast.curves import write_curves
 from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.data.splits import build_datasets, check_decodable, set_batch_sampler
-from mmcam_fast.engine import Trainer
+from mmcam_fast.engine import PRECISION_NAMES, Trainer
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.localization import evaluate_localization
 from mmcam_fast.metric_log import MetricLog
@@ -408,7 +408,9 @@ class _Run:
                                              cam_curve_interval=self.config.cam_curve_interval, desc="test")
         atomic_write_text(self.run_dir / "final_metrics.json", json.dumps(
             {"test": test_metrics, "last_train": self.log.last, "val_history": self.progress.val_history,
-             "skipped_steps": self.trainer.guard.state_dict()["skipped"]}, indent=2))
+             "skipped_steps": self.trainer.guard.state_dict()["skipped"],
+             # what --amp auto resolved to on this machine (the config says only "auto")
+             "precision": PRECISION_NAMES[self.trainer.amp_dtype]}, indent=2))
         self._curves()
         return test_metrics
 

@@ -12,6 +12,7 @@ import torch
 from torchvision import models as tvm
 
 from mmcam_fast.cli import tiny_wsol
+from mmcam_fast.engine import native_bf16
 from mmcam_fast.experiments import tiny_wsol_study
 from mmcam_fast.experiments.tiny_wsol_report import paired_difference
 from mmcam_fast.experiments.tiny_wsol_study import (
@@ -127,6 +128,7 @@ def test_a_cut_down_study_writes_rows_skips_them_and_reports(shared_data, tmp_pa
     assert row["flags"]["max_steps_per_epoch"] == 2 and row["recipe"]["name"].endswith("-cut")
     assert set(row["test"]) >= {"maxboxacc", "maxboxacc_v2", "per_iou", "top1_loc", "top1_cls"}
     assert row["dispersion"]["f"]["mean"] >= 0 and row["wall_s"] > 0 and row["seed"] == 0
+    assert row["precision"] == ("bf16" if native_bf16("cpu") else "fp32")  # what --amp auto picks here
     assert [h["epoch"] for h in row["val_history"]] == [1, 2] and row["train_curve"]
     report = (tmp_path / "report" / "report.md").read_text()
     assert "MinMaxCAM - CAM" in report and "centred Gaussian" in report

@@ -24,6 +24,7 @@ def test_run_folder_holds_config_metrics_checkpoints_and_final_metrics(finished_
     for key in ("maxboxacc", "maxboxacc_v2", "gt_known_loc", "top1_loc", "top5_loc", "top1_cls"):
         assert 0.0 <= final["test"][key] <= 100.0
     assert len(final["val_history"]) == 2
+    assert final["precision"] == "fp32"  # the reference step
     last = torch.load(finished_run / "checkpoints" / "last.pt", weights_only=False)
     assert last["epoch"] == 2 and last["step"] == 4 and "optimizer" in last and "loader" in last
     assert (finished_run / "checkpoints" / "best.pt").exists()

@@ -353,6 +353,7 @@ def make_row(
         ),
         "wall_s": None if wall_s is None else round(wall_s, 1),
         "machine": describe(),
+        "precision": final.get("precision"),  # --amp auto: bf16 where the CPU has it, else fp32
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if kind == "study":
