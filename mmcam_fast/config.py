@@ -129,7 +129,9 @@ class TrainConfig:
     compile: bool | None = option(None, "engine",
         "fast engine: torch.compile Stage I and II",
         none_means="on CUDA only")
-    channels_last: bool = option(True, "engine", "fast engine: channels-last memory format")
+    channels_last: bool | None = option(None, "engine",
+        "fast engine: channels-last memory format",
+        none_means="on CUDA and under CPU autocast; off for fp32 on a CPU (slower there on AVX2)")
     cuda_graphs: bool = option(True, "engine",
         "fast engine on CUDA: replay Stage II from CUDA graphs (compile mode reduce-overhead)")
     fold_bn: bool = option(True, "engine",

@@ -46,7 +46,7 @@ def compiled_run():
     torch._dynamo.utils.counters.clear()
     # One compile per stage for the whole module; Stage II is compiled with fullgraph=True, so a
     # graph break there raises instead of silently splitting the graph.
-    return _run("fast", amp="off", compile=True)
+    return _run("fast", amp="off", compile=True, channels_last=True)  # fp32 CL: what a GPU or AMX path runs
 
 
 def test_fast_fp32_compiled_matches_reference_over_20_steps(reference_run, compiled_run):

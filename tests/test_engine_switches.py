@@ -139,6 +139,18 @@ def test_memory_format(impl, channels_last, expected):
     assert trainer.memory_format == expected
 
 
+@pytest.mark.parametrize(("amp", "expected"), [
+    ("off", torch.contiguous_format),  # fp32 on a CPU: oneDNN's fp32 channels-last is slower on AVX2
+    ("bf16", torch.channels_last),  # under autocast channels-last is oneDNN's fast layout
+])
+def test_memory_format_by_default_follows_the_precision_on_cpu(amp, expected):
+    trainer = Trainer(_tiny_model(), TrainConfig(set_size=3, sets_per_batch=2, impl="fast", amp=amp,
+                                                 compile=False))
+    assert trainer.memory_format == expected
+    assert engine.resolve_channels_last(None, "cuda", None)
+    assert not engine.resolve_channels_last(False, "cuda", None)
+
+
 def test_build_optimizer_takes_fused_by_keyword_only():
     model = _tiny_model()
     with pytest.raises(TypeError):

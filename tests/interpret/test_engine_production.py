@@ -92,7 +92,8 @@ def reference():
 
 
 def test_fp32_composition_with_triton_kernels_matches_the_reference(reference):
-    run = _run("triton", impl="fast", amp="off")
+    # channels-last as on a GPU (on a CPU in fp32 the default is contiguous, engine.resolve_channels_last)
+    run = _run("triton", impl="fast", amp="off", channels_last=True)
     _, trainer, _, calls = run
     assert trainer.kernels == "triton" and trainer.amp_dtype is None and trainer.folded is None
     assert trainer._fused and trainer.memory_format == torch.channels_last
