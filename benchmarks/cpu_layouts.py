@@ -59,7 +59,7 @@ def measure(case: str) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", default=list(bench.CASES), choices=list(bench.CASES))
     parser.add_argument("--threads", type=int, default=1)
@@ -67,10 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     capability = torch.backends.cpu.get_cpu_capability()
     native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    measured = []
     lines = ["| case | impl | s / step | vs reference | MinMaxCAM / CE | share in conv kernels |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for case in args.cases:
         for r in measure(case):
+            measured.append(r)
             ce = "" if r["in_ce_steps"] is None else f"{r['in_ce_steps']:.2f}"
             lines.append(f"| {case} | {r['impl']} | {r['step_s']:.3f} | {r['vs_reference']:.2f}x | {ce} "
                          f"| {100 * r['conv_share']:.0f} % |")
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     path = bench.RESULTS / f"cpu_layouts_{capability.lower()}_{args.threads}thread.md"
     path.write_text("\n".join(lines) + "\n")
     print(path)
+    return measured
 
 
 if __name__ == "__main__":
