@@ -131,7 +131,7 @@ class TrainConfig:
         none_means="on CUDA only")
     channels_last: bool | None = option(None, "engine",
         "fast engine: channels-last memory format",
-        none_means="on CUDA and under CPU autocast; off for fp32 on a CPU (slower there on AVX2)")
+        none_means="on CUDA and under CPU autocast, off for fp32 on a CPU")
     cuda_graphs: bool = option(True, "engine",
         "fast engine on CUDA: replay Stage II from CUDA graphs (compile mode reduce-overhead)")
     fold_bn: bool = option(True, "engine",
