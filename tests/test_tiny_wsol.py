@@ -149,8 +149,12 @@ def test_a_cut_down_study_writes_rows_skips_them_and_reports(shared_data, tmp_pa
     assert started == [] and "2 of 2 run(s) already have their rows" in capsys.readouterr().err
     stale = json.loads(rows[0].read_text())
     rows[0].write_text(json.dumps({**stale, "config_hash": "0" * 12}))
+    partner = json.loads(rows[1].read_text())  # as if the MinMaxCAM run had been on another machine
+    rows[1].write_text(json.dumps({**partner, "precision": "fp16"}))
+    capsys.readouterr()
     tiny_wsol.main(args)
     assert started == ["tiny5-resnet18-cam-seed0"]
+    assert "warning: tiny5-resnet18-cam-seed0 runs in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("backbone", "channels"), [("resnet18", 512), ("mobilenet_v2", 1280)])
@@ -214,3 +218,14 @@ def test_the_sweeps_use_their_own_recipe_and_reference_points(tmp_path):
     assert f"`{SWEEP_RECIPE.name}` (160 steps" in table
     assert plot_sweeps(rows, {}, tmp_path / "sweeps.png") and (tmp_path / "sweeps.png").stat().st_size > 0
     assert not plot_sweeps([r for r in rows if "main" in r["groups"]], {}, tmp_path / "none.png")
+
+
+def test_the_report_flags_a_pair_run_at_two_precisions():
+    from mmcam_fast.experiments.tiny_wsol_report import _mixed_precision_pairs
+
+    rows = [{"seed": 0, "variant": "cam", "precision": "bf16"}, {"seed": 0, "variant": "minmaxcam",
+                                                                  "precision": "bf16"},
+            {"seed": 1, "variant": "cam", "precision": "bf16"}, {"seed": 1, "variant": "minmaxcam",
+                                                                  "precision": "fp32"}]
+    assert _mixed_precision_pairs(rows) == "seed 1 (cam bf16, minmaxcam fp32)"
+    assert _mixed_precision_pairs(rows[:2]) == ""

@@ -170,8 +170,24 @@ def main_tables(rows: list[dict[str, Any]], priors: dict[str, Any]) -> tuple[str
                 ]
                 cells += ["-"] * (len(head) - 3)
                 lines.append("| " + " | ".join(cells) + " |")
+            mixed = _mixed_precision_pairs(mine)
+            if mixed:
+                lines += ["", f"**Pairs of mixed precision** (not paired in the engine): {mixed}."]
             lines.append("")
     return "\n".join(lines), summary
+
+
+def _mixed_precision_pairs(rows: list[dict[str, Any]]) -> str:
+    """Seeds whose CAM and MinMaxCAM runs ran at different precisions (``--amp auto`` resolves per
+    machine: a study continued on a CPU without native bf16 runs fp32 where it ran bf16 before)."""
+    by_seed: dict[int, dict[str, str]] = {}
+    for row in rows:
+        by_seed.setdefault(row["seed"], {})[row["variant"]] = row.get("precision") or "not recorded"
+    return ", ".join(
+        f"seed {seed} ({', '.join(f'{v} {p}' for v, p in sorted(got.items()))})"
+        for seed, got in sorted(by_seed.items())
+        if len(set(got.values())) > 1
+    )
 
 
 def _minmax_label(rows: list[dict[str, Any]]) -> str:

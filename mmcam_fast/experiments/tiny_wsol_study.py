@@ -34,6 +34,7 @@ from mmcam_fast.config import preset
 from mmcam_fast.data.converters import ensure_prepared, unpack_archive
 from mmcam_fast.data.manifest import read_class_list
 from mmcam_fast.data.splits import build_datasets
+from mmcam_fast.engine import PRECISION_NAMES, resolve_amp
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments.execute import run_all
 from mmcam_fast.experiments.plan import Run
@@ -401,6 +402,17 @@ def execute(
             _note(f"{run.key}: its row is of another configuration ({row.get('config_hash')}); rerunning")
         todo.append(run)
     _note(f"{len(runs) - len(todo)} of {len(runs)} run(s) already have their rows; {len(todo)} to go")
+    here = PRECISION_NAMES[resolve_amp("auto", "cpu")]
+    for run in todo:  # a main pair split over machines of different bf16 support is no longer paired
+        other = {"cam": "minmaxcam", "minmaxcam": "cam"}.get(run.variant.name)
+        if other is None or "main" not in run.groups:
+            continue
+        partner = read_row(row_path(report_dir, f"{run.benchmark}-{run.backbone}-{other}-seed{run.seed}"))
+        if partner and partner.get("precision") not in (None, here):
+            _note(
+                f"warning: {run.key} runs in {here} here, its pair {partner['key']} ran in "
+                f"{partner['precision']} ({partner['machine']}); the report flags the pair"
+            )
     if not todo:
         return
     roots = {name: BENCHMARKS[name].prepare(shared, DATA_CACHE) for name in {r.benchmark for r in todo}}
