@@ -82,12 +82,13 @@ class Benchmark:
         return ensure_prepared("tiny-imagenet", src, cache / self.name, **options)
 
 
+SWEEP_GROUPS = ("lambda_crr", "lambda_frr", "set_size", "masking")
 BENCHMARKS = {
     "wsol20": Benchmark(
         "wsol20",
         "tiny-imagenet-192/tiny-imagenet-192.tar.gz",
         "wsol20.txt",
-        groups=("main", "lambda_crr", "lambda_frr", "set_size", "masking"),
+        groups=("main", *SWEEP_GROUPS),
     ),
     # five classes: N = 5 sets of S = 5 (batch 25), every class in every batch
     "tiny5": Benchmark("tiny5", "tiny-imagenet-5", classes=5),
@@ -149,7 +150,6 @@ SWEEP_RECIPE = replace(
     max_steps_per_epoch=80,
     note="sweeps: the study's recipe cut to 160 steps",
 )
-SWEEP_GROUPS = ("lambda_crr", "lambda_frr", "set_size", "masking")
 # Table 4 (S) and Table 3 (masking) on ResNet18 only; Fig. 6 (the lambdas) on both backbones.
 TABLE_BACKBONES = ("resnet18",)
 
@@ -207,6 +207,12 @@ def variants_for(backbone: str) -> list[Variant]:
 GROUPS = ("main", *SWEEP_GROUPS)
 
 
+def run_key(benchmark: str, backbone: str, variant: str, seed: int, main: bool = True) -> str:
+    """The row name of a study run; sweep runs (at ``SWEEP_RECIPE``) carry ``-sweep``."""
+    sweep = "" if main else "-sweep"
+    return f"{benchmark}-{backbone}-{variant}{sweep}-seed{seed}"
+
+
 @dataclass(frozen=True)
 class StudyRun:
     """One fine-tuning run of the study; ``key`` names its row."""
@@ -223,8 +229,7 @@ class StudyRun:
     def key(self) -> str:
         if self.groups == ("gate",):  # the gate's runs differ in their recipe only
             return f"{self.benchmark}-{self.backbone}-{self.variant.name}-{self.recipe.name}"
-        sweep = "" if "main" in self.groups else "-sweep"  # the sweeps' recipe (SWEEP_RECIPE)
-        return f"{self.benchmark}-{self.backbone}-{self.variant.name}{sweep}-seed{self.seed}"
+        return run_key(self.benchmark, self.backbone, self.variant.name, self.seed, "main" in self.groups)
 
     def flags(self, data_root: Path | None = None) -> dict[str, Any]:
         flags: dict[str, Any] = {
@@ -408,7 +413,7 @@ def execute(
         other = {"cam": "minmaxcam", "minmaxcam": "cam"}.get(run.variant.name)
         if other is None or "main" not in run.groups:
             continue
-        partner = read_row(row_path(report_dir, f"{run.benchmark}-{run.backbone}-{other}-seed{run.seed}"))
+        partner = read_row(row_path(report_dir, run_key(run.benchmark, run.backbone, other, run.seed)))
         if partner and partner.get("precision") not in (None, here):
             _note(
                 f"warning: {run.key} runs in {here} here, its pair {partner['key']} ran in "
