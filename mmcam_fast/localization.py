@@ -55,7 +55,12 @@ DEFAULT_THRESHOLD = 0.2  # localize_images' CAM threshold when the checkpoint ha
 def load_trained_model(path: str | Path, device: torch.device | str = "cpu"
                        ) -> tuple[CAMModel, TrainConfig, list[str]]:
     """A model from a training checkpoint, in eval mode: (model, its config, class names)."""
-    state = load_checkpoint(path)
+    return model_from_checkpoint(load_checkpoint(path), path, device)
+
+
+def model_from_checkpoint(state: dict, path: str | Path, device: torch.device | str = "cpu"
+                          ) -> tuple[CAMModel, TrainConfig, list[str]]:
+    """:func:`load_trained_model` from a checkpoint already read (``path`` names it in errors)."""
     config = TrainConfig.from_dict(state["config"], source=str(path))
     classes = list(state.get("classes") or [])
     num_classes = state["model"]["fc.weight"].shape[0]
@@ -243,9 +248,10 @@ def localize_images(checkpoint: str | Path, images: list[Path], *, device: str =
     with ``out_dir``, an overlay PNG (heatmap + red box). The threshold defaults to the one the
     checkpoint's validation chose (MaxBoxAcc's best tau), else :data:`DEFAULT_THRESHOLD`.
     """
-    model, config, classes = load_trained_model(checkpoint, device)
+    state = load_checkpoint(checkpoint)
+    model, config, classes = model_from_checkpoint(state, checkpoint, device)
     if cam_threshold is None:
-        saved = load_checkpoint(checkpoint).get("val") or {}
+        saved = state.get("val") or {}
         cam_threshold = float(saved.get("maxboxacc_threshold", DEFAULT_THRESHOLD))
     if not 0 <= cam_threshold < 1:
         raise ConfigError(f"--cam-threshold must be in [0, 1), got {cam_threshold}")
