@@ -10,6 +10,7 @@ import cv2
 import pytest
 import yaml
 
+from mmcam_fast.checkpoint import load_checkpoint
 from mmcam_fast.cli import run_main
 from mmcam_fast.cli.evaluate import main as evaluate_main
 from mmcam_fast.cli.localize import main as localize_main
@@ -80,6 +81,8 @@ def test_localize_own_images(finished_run, tmp_path, capsys):
                    "--out", str(tmp_path / "loc"), "--topk", "3"])
     results = _last_json(capsys)
     assert [r["image"] for r in results] == [str(images[1]), str(png)]
+    saved = load_checkpoint(finished_run / "checkpoints" / "best.pt")["val"]["maxboxacc_threshold"]
+    assert [r["cam_threshold"] for r in results] == [saved, saved]  # no --cam-threshold: validation's tau
     for entry in results:
         assert len(entry["predictions"]) == 3
         scores = [p["score"] for p in entry["predictions"]]
