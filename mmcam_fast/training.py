@@ -105,11 +105,14 @@ class _Progress:
     val_history: list[dict[str, Any]] = field(default_factory=list)
     resumed_at: list[int] = field(default_factory=list)
     last_train: dict[str, Any] = field(default_factory=dict)  # the last logged step's metrics
+    # wall seconds the run took up to this checkpoint, summed over the processes that ran it (a
+    # resumed run's cost; the work lost after a process's last checkpoint is not counted, it is redone)
+    elapsed_s: float = 0.0
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step,
                 "best_score": self.best_score, "val_history": self.val_history, "resumed_at": self.resumed_at,
-                "last_train": self.last_train}
+                "last_train": self.last_train, "elapsed_s": self.elapsed_s}
 
 
 def train(config: TrainConfig) -> RunResult:
@@ -163,6 +166,7 @@ class _Run:
         self.run_dir = Path(config.out)
         self.checkpoints = self.run_dir / "checkpoints"
         self.progress = _Progress()
+        self._clock = (time.perf_counter(), 0.0)  # (this process's start, the processes' before it)
         self.lock = None
 
     def run(self) -> RunResult:
@@ -194,6 +198,7 @@ class _Run:
     def _run(self) -> RunResult:
         config, world, device = self.config, self.world, self.device
         start = time.perf_counter()
+        self._clock = (start, 0.0)
         seed_everything(config.seed)
         resume = config.resume
         if resume is None and distributed.restart_count() > 0:
@@ -280,6 +285,11 @@ class _Run:
         return RunResult(self.run_dir, time.perf_counter() - start, progress.step, self.log.last,
                          progress.val_history, test_metrics, skipped, progress.resumed_at, world.is_main)
 
+    def _elapsed(self) -> float:
+        """Wall seconds of this run so far: this process's and those of the processes before it."""
+        start, before = self._clock
+        return before + time.perf_counter() - start
+
     def _fit_sets_to_classes(self, num_classes: int) -> None:
         """A preset's N (sets per batch) above the data set's number of classes: use every class.
 
@@ -317,6 +327,7 @@ class _Run:
         p.val_history = list(state.get("val_history", []))
         p.resumed_at = [*state.get("resumed_at", []), p.step]
         p.last_train = dict(state.get("last_train", {}))
+        self._clock = (self._clock[0], float(state.get("elapsed_s", 0.0)))
         rng = state.get("rng")
         if rng is not None and len(rng) == self.world.world_size:
             restore_rng(rng[self.world.rank], self.device)
@@ -351,6 +362,7 @@ class _Run:
         """
         self.log.flush()
         self.progress.last_train = dict(self.log.last)
+        self.progress.elapsed_s = self._elapsed()
         self.trainer.guard.check(self.progress.step)  # a run past the limit stops before writing
         rng = distributed.gather_objects(rng_state(self.device))
         if self.world.is_main:
@@ -410,7 +422,9 @@ class _Run:
             {"test": test_metrics, "last_train": self.log.last, "val_history": self.progress.val_history,
              "skipped_steps": self.trainer.guard.state_dict()["skipped"],
              # what --amp auto resolved to on this machine (the config says only "auto")
-             "precision": PRECISION_NAMES[self.trainer.amp_dtype]}, indent=2))
+             "precision": PRECISION_NAMES[self.trainer.amp_dtype],
+             # the whole run's wall time, over every process that ran it (see _Progress.elapsed_s)
+             "wall_s": round(self._elapsed(), 1), "resumed_at": self.progress.resumed_at}, indent=2))
         self._curves()
         return test_metrics
 

@@ -134,6 +134,17 @@ def test_resume_refuses_changed_settings_and_missing_files(killed_and_resumed, t
     assert f"--resume {tmp_path / 'nope.pt'}: file not found" in capsys.readouterr().err
 
 
+def test_a_resumed_runs_wall_time_counts_earlier_processes(killed_and_resumed, tmp_path, synthetic_root):
+    state = _load(killed_and_resumed[1] / "checkpoints" / "last.pt")  # the end of the run's last epoch
+    assert 0 < state["elapsed_s"] < 300
+    atomic_save({**state, "elapsed_s": 1000.0}, tmp_path / "checkpoints" / "last.pt")
+    assert run_main(main, [*FLAGS, "--data-root", str(synthetic_root), "--out", str(tmp_path),
+                           "--resume", "auto"]) == 0
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert 1000.0 < final["wall_s"] < 1300.0  # the 1,000 s before it, then its own test
+    assert final["resumed_at"] == [*state["resumed_at"], state["step"]]
+
+
 def _state(step: int) -> dict:
     return {"model": {"w": torch.full((2,), float(step))}, "optimizer": {}, "scheduler": {}, "config": {},
             "step": step, "epoch": 0}

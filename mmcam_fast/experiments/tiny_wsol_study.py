@@ -336,6 +336,8 @@ def make_row(
 ) -> dict[str, Any]:
     """A finished run's result row: the test metrics of the model selected on val, curves, provenance."""
     final = json.loads((folder / "final_metrics.json").read_text())
+    if final.get("wall_s") is not None:  # the run's own clock, summed over processes when it was resumed
+        wall_s = max(wall_s or 0.0, float(final["wall_s"]))  # the process's own also counts start-up
     history = final["val_history"]
     best = max(history, key=lambda h: h["maxboxacc_v2"]) if history else None
     row: dict[str, Any] = {
@@ -360,6 +362,7 @@ def make_row(
         ),
         "wall_s": None if wall_s is None else round(wall_s, 1),
         "machine": describe(),
+        "resumed_at": final.get("resumed_at", []),
         "precision": final.get("precision"),  # --amp auto: bf16 where the CPU has it, else fp32
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
