@@ -82,8 +82,7 @@ def resolve_channels_last(channels_last: bool | None, device_type: str,
     CUDA and under autocast on a CPU, and off for fp32 on a CPU. Measured with oneDNN limited to AVX2
     (``ONEDNN_MAX_CPU_ISA=AVX2``, one thread; docs/engine.md): fp32 channels-last made a ResNet50-CAM
     step at 224 0.89-1.00x the reference's speed and its contiguous form 1.00-1.04x (two runs); on an
-    AVX2-only machine
-    channels-last measured 0.65x. With native bf16 channels-last is oneDNN's fast layout.
+    AVX2-only machine channels-last measured 0.65x. With native bf16 channels-last is oneDNN's fast layout.
     """
     if channels_last is not None:
         return channels_last
