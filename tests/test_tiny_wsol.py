@@ -206,7 +206,7 @@ def test_the_sweeps_use_their_own_recipe_and_reference_points(tmp_path):
             "key": run.key, "benchmark": run.benchmark, "backbone": run.backbone, "variant": v.name,
             "groups": list(run.groups), "seed": 0, "lambda_crr": v.lambda_crr, "lambda_frr": v.lambda_frr,
             "set_size": v.set_size, "stage2_mask": v.stage2_mask, "recipe": asdict(run.recipe),
-            "flags": run.flags(),
+            "flags": run.flags(), "precision": "fp32" if v.name.startswith("frr") else "bf16",
             "test": {"maxboxacc": score - 1, "maxboxacc_v2": score, "top1_cls": 50.0,
                      "per_iou": {"30": 0.0, "50": 0.0, "70": 0.0}},
         })
@@ -216,6 +216,9 @@ def test_the_sweeps_use_their_own_recipe_and_reference_points(tmp_path):
     assert all(float(line.split("|")[8]) < 70 for line in lines)
     assert lines[0].startswith("| cam | 0 | 0 |") and lines[1].startswith("| minmaxcam | 1 | 1 |")
     assert f"`{SWEEP_RECIPE.name}` (160 steps" in table
+    assert lines[0].endswith("| bf16 |") and sum(line.endswith("| fp32 |") for line in lines) == 3
+    assert "**Mixed precision** in these sweeps (bf16, fp32)" in table
+    assert "Mixed precision" not in sweep_table([r for r in rows if r["precision"] == "bf16"])
     assert plot_sweeps(rows, {}, tmp_path / "sweeps.png") and (tmp_path / "sweeps.png").stat().st_size > 0
     assert not plot_sweeps([r for r in rows if "main" in r["groups"]], {}, tmp_path / "none.png")
 

@@ -213,8 +213,8 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
             "",
             f"Recipe `{recipe['name']}`" + (f" ({steps} steps; {recipe['note']})" if steps else "") + ".",
             "",
-            "| variant | λ_crr | λ_frr | S | N | mask | MaxBoxAcc | MaxBoxAccV2 | Top-1 Cls |",
-            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+            "| variant | λ_crr | λ_frr | S | N | mask | MaxBoxAcc | MaxBoxAccV2 | Top-1 Cls | precision |",
+            "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |",
         ]
         for row in sorted(
             mine,
@@ -231,8 +231,12 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {row['variant']} | {row['lambda_crr']:g} | {row['lambda_frr']:g} | {row['set_size']} | "
                 f"{row['flags']['sets_per_batch']} | {row['stage2_mask']} | {values['maxboxacc']:.1f} | "
-                f"{values['maxboxacc_v2']:.1f} | {values['top1_cls']:.1f} |"
+                f"{values['maxboxacc_v2']:.1f} | {values['top1_cls']:.1f} | "
+                f"{row.get('precision') or 'not recorded'} |"
             )
+        precisions = sorted({r.get("precision") or "not recorded" for r in mine if r["seed"] == 0})
+        if len(precisions) > 1:  # --amp auto follows the machine: a sweep continued elsewhere mixes them
+            lines += ["", f"**Mixed precision** in these sweeps ({', '.join(precisions)}): see the last column."]
         lines.append("")
     return "\n".join(lines)
 
