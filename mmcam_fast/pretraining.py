@@ -35,7 +35,7 @@ from tqdm import tqdm
 from mmcam_fast.checkpoint import atomic_save, load_checkpoint
 from mmcam_fast.data.loaders import build_loader
 from mmcam_fast.data.splits import build_datasets
-from mmcam_fast.engine import resolve_amp
+from mmcam_fast.engine import PRECISION_NAMES, resolve_amp, resolve_channels_last
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.run_folder import atomic_write, atomic_write_text, check_output_folder
 
@@ -83,15 +83,19 @@ def pretrain(args: Any) -> dict[str, Any]:
     data = build_datasets("tiny-imagenet", args.data_root, image_size=args.image_size,
                           require_localization=False)
     torch.manual_seed(args.seed)
-    model = build_network(args.arch, data.num_classes).to(device).to(memory_format=torch.channels_last)
+    amp = resolve_amp(args.amp, device.type)
+    # the fine-tuning engine's rule (engine.resolve_channels_last): channels-last on CUDA and under
+    # autocast, contiguous for fp32 on a CPU, where oneDNN's AVX2 convolutions are slower channels-last
+    channels_last = resolve_channels_last(getattr(args, "channels_last", None), device.type, amp)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_network(args.arch, data.num_classes).to(device).to(memory_format=memory_format)
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]  # no weight decay on BN and biases
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": args.weight_decay},
                                  {"params": rest, "weight_decay": 0.0}], lr=args.lr, momentum=0.9,
                                 nesterov=True)
-    amp = resolve_amp(args.amp, device.type)
     train_loader, steps = build_loader(data.train, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                       workers=args.workers, seed=args.seed, channels_last=True)
+                                       workers=args.workers, seed=args.seed, channels_last=channels_last)
     val_loader, _ = build_loader(data.val, batch_size=256, workers=args.workers)
     if args.max_steps_per_epoch:
         steps = min(steps, args.max_steps_per_epoch)
@@ -116,7 +120,7 @@ def pretrain(args: Any) -> dict[str, Any]:
             for i, (images, labels, _) in zip(range(steps), train_loader, strict=False):
                 for group in optimizer.param_groups:
                     group["lr"] = _cosine(epoch * steps + i, total, args.lr, warmup=min(500, total // 20))
-                images = images.to(device).contiguous(memory_format=torch.channels_last)
+                images = images.to(device).contiguous(memory_format=memory_format)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     loss = F.cross_entropy(model(images).float(), labels.to(device))
                 optimizer.zero_grad(set_to_none=True)
@@ -133,7 +137,8 @@ def pretrain(args: Any) -> dict[str, Any]:
                      "history": history, "wall_s": wall, "classes": data.class_names,
                      "config": {k: str(v) for k, v in vars(args).items()}}, state_path)
     result = {"arch": args.arch, "epochs": args.epochs, "history": history, "wall_s": round(wall, 1),
-              "val_top1": history[-1]["val_top1"] if history else None}
+              "val_top1": history[-1]["val_top1"] if history else None,
+              "precision": PRECISION_NAMES[amp], "channels_last": channels_last}
     if args.export:
         result["sha256"] = export_state_dict(model.state_dict(), args.export)
         result["export"] = str(args.export)

@@ -21,11 +21,14 @@ def test_pretrain_resumes_exports_and_loads_into_every_geometry(tmp_path, capsys
     argv = ["--data-root", tiny, "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
             "--max-steps-per-epoch", "2", "--workers", "0", "--out", "pre", "--amp", "off"]
     assert run_main(main, [*argv, "--epochs", "1"]) == 0
-    assert run_main(main, [*argv, "--epochs", "2", "--resume", "auto", "--export", str(export)]) == 0
+    first = json.loads((tmp_path / "pre" / "pretrain.json").read_text())
+    assert (first["precision"], first["channels_last"]) == ("fp32", False)  # fp32 on a CPU: contiguous
+    assert run_main(main, [*argv, "--epochs", "2", "--resume", "auto", "--export", str(export),
+                           "--channels-last"]) == 0
     out, err = capsys.readouterr()
     assert "resuming after epoch 1" in err
     result = json.loads(out.strip().splitlines()[-1])
-    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    assert [h["epoch"] for h in result["history"]] == [1, 2] and result["channels_last"] is True
     digest = (export.parent / "r18.pth.sha256").read_text().split()[0]
     assert digest == hashlib.sha256(export.read_bytes()).hexdigest() == result["sha256"]
     state = torch.load(export, weights_only=True)

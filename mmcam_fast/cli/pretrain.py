@@ -3,6 +3,7 @@ the stand-in for ImageNet weights where none can be had (:mod:`mmcam_fast.pretra
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,6 +22,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.1, help="peak of the cosine schedule")
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="memory format (default: channels-last on CUDA and under autocast, "
+                        "contiguous for fp32 on a CPU; the fine-tuning engine's rule)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs (smoke runs)")

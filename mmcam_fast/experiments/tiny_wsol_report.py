@@ -236,7 +236,8 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
             )
         precisions = sorted({r.get("precision") or "not recorded" for r in mine if r["seed"] == 0})
         if len(precisions) > 1:  # --amp auto follows the machine: a sweep continued elsewhere mixes them
-            lines += ["", f"**Mixed precision** in these sweeps ({', '.join(precisions)}): see the last column."]
+            mixed = ", ".join(precisions)
+            lines += ["", f"**Mixed precision** in these sweeps ({mixed}): see the last column."]
         lines.append("")
     return "\n".join(lines)
 
