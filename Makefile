@@ -29,7 +29,8 @@ bench: setup
 
 # The Tiny-ImageNet WSOL study (docs/results.md): CAM against MinMaxCAM fine-tuned from the committed
 # pretrained weights (experiments/pretrained/) on WSOL-20 and Tiny-ImageNet-5. Resumable: a run whose
-# result row (experiments/tiny-imagenet-wsol/rows/) exists is skipped. About 4 h of a 2-core machine.
+# result row (experiments/tiny-imagenet-wsol/rows/) exists is skipped. About 6 h of a 2-core AVX512-BF16
+# machine (measured; docs/results.md), about 5x that on an AVX2-only CPU, where it runs in fp32.
 experiments: setup
 	$(PY) -m mmcam_fast.tiny_wsol study --shared $(SHARED_DATA)
 
