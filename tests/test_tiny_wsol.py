@@ -232,3 +232,17 @@ def test_the_report_flags_a_pair_run_at_two_precisions():
                                                                   "precision": "fp32"}]
     assert _mixed_precision_pairs(rows) == "seed 1 (cam bf16, minmaxcam fp32)"
     assert _mixed_precision_pairs(rows[:2]) == ""
+
+
+def test_the_wall_table_keeps_machines_apart():
+    from mmcam_fast.experiments.tiny_wsol_report import wall_table
+
+    def row(machine, precision, wall, crr):
+        return {"benchmark": "wsol20", "backbone": "resnet18", "groups": ["lambda_frr"], "machine": machine,
+                "precision": precision, "wall_s": wall, "lambda_crr": crr, "lambda_frr": 1.0}
+
+    table = wall_table([row("xeon", "bf16", 700.0, 1.0), row("epyc", "fp32", 3600.0, 1.0),
+                        row("epyc", "fp32", 3500.0, 0.0)])
+    lines = [line for line in table.splitlines() if line.startswith("| wsol20")]
+    assert lines == ["| wsol20 | resnet18 | sweeps | epyc, fp32 | 2 | 1.97 | - | 3550 |",
+                     "| wsol20 | resnet18 | sweeps | xeon, bf16 | 1 | 0.19 | - | 700 |"]

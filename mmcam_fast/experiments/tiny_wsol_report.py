@@ -520,24 +520,27 @@ def map_agreement(
 
 
 def wall_table(rows: list[dict[str, Any]]) -> str:
-    """Run wall time per part of the study (one core per run), CAM and MinMaxCAM-like runs apart."""
-    parts: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    """Run wall time per part of the study (one core per run) and per machine (a run's cost follows
+    the CPU: fp32 on an AVX2-only one, bf16 where it is native), CAM and MinMaxCAM-like runs apart."""
+    parts: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("wall_s"):
             part = "main" if "main" in row["groups"] else "sweeps"
-            parts.setdefault((row["benchmark"], row["backbone"], part), []).append(row)
+            machine = f"{row.get('machine') or 'not recorded'}, {row.get('precision') or 'not recorded'}"
+            parts.setdefault((row["benchmark"], row["backbone"], part, machine), []).append(row)
     if not parts:
         return ""
     lines = [
-        "| benchmark | backbone | part | runs | wall (h) | mean CAM run (s) | mean run with Stage II (s) |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| benchmark | backbone | part | machine, precision | runs | wall (h) | mean CAM run (s) "
+        "| mean run with Stage II (s) |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
     ]
-    for (benchmark, backbone, part), mine in sorted(parts.items()):
+    for (benchmark, backbone, part, machine), mine in sorted(parts.items()):
         cam = [r["wall_s"] for r in mine if r["lambda_crr"] == r["lambda_frr"] == 0]
         stage2 = [r["wall_s"] for r in mine if not r["lambda_crr"] == r["lambda_frr"] == 0]
         cells = [f"{sum(v) / len(v):.0f}" if v else "-" for v in (cam, stage2)]
         lines.append(
-            f"| {benchmark} | {backbone} | {part} | {len(mine)} | "
+            f"| {benchmark} | {backbone} | {part} | {machine} | {len(mine)} | "
             f"{sum(r['wall_s'] for r in mine) / 3600:.2f} | {cells[0]} | {cells[1]} |"
         )
     return "\n".join(lines) + "\n"
