@@ -246,3 +246,33 @@ def test_the_wall_table_keeps_machines_apart():
     lines = [line for line in table.splitlines() if line.startswith("| wsol20")]
     assert lines == ["| wsol20 | resnet18 | sweeps | epyc, fp32 | 2 | 1.97 | - | 3550 |",
                      "| wsol20 | resnet18 | sweeps | xeon, bf16 | 1 | 0.19 | - | 700 |"]
+
+
+def test_a_study_stopped_by_sigterm_stops_its_training_processes(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    (tmp_path / "slow").mkdir()
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom mmcam_fast.experiments import execute\n"
+        "from mmcam_fast.experiments.plan import Run\n"
+        f"execute._command = lambda run: [sys.executable, '-c', {child!r}]\n"
+        f"execute.run_all([Run('slow', 0, Path({str(tmp_path / 'slow')!r}), {{}})], 1, "
+        "note=lambda m: print(m, flush=True))\n"
+    )
+    study = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pid = int(pid_file.read_text())
+    study.send_signal(signal.SIGTERM)
+    out, _ = study.communicate(timeout=90)
+    assert study.returncode == 128 + signal.SIGTERM
+    assert "stopped " in out and "continues from its last checkpoint" in out
+    with pytest.raises(ProcessLookupError):  # the training process went with the study
+        os.kill(pid, 0)

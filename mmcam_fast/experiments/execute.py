@@ -10,8 +10,10 @@ restarted. Pretraining runs go first: every variant starts from its seed's pretr
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -59,15 +61,49 @@ def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print,
 
     ``on_done(run, wall_s)`` is called as each run finishes successfully (while the others go on).
 
+    A study stopped by SIGTERM or Ctrl-C stops its training processes with it (each continues from
+    its last checkpoint when the study is started again), rather than leaving them running unwatched.
+
     Raises:
         RunFailed: a run failed (its ``train.log`` names the error); the others finish first. The
             study's entry point reports it in one line, naming the logs.
+        SystemExit: 143 on SIGTERM, after the training processes are stopped.
     """
+    active: list[tuple[Run, subprocess.Popen, float]] = []
+    main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if main else None
+    try:
+        return _run_all(runs, jobs, threads, note, on_done, active)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        _stop(active, note)
+
+
+def _raise_exit(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+def _stop(active: list[tuple[Run, subprocess.Popen, float]], note) -> None:
+    """Stop the training processes still running (an interrupted study); they resume when restarted."""
+    running = [(run, process) for run, process, _ in active if process.poll() is None]
+    for _, process in running:
+        process.terminate()
+    for run, process in running:
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        note(f"stopped {run.folder}; it continues from its last checkpoint when the study is started again")
+
+
+def _run_all(runs: list[Run], jobs: int, threads: int, note, on_done,
+             active: list[tuple[Run, subprocess.Popen, float]]) -> dict[str, float]:
     pending = deque(run for run in runs if not run.done)
     skipped = len(runs) - len(pending)
     if skipped:
         note(f"{skipped} run(s) already done, {len(pending)} to go")
-    active: list[tuple[Run, subprocess.Popen, float]] = []
     walls: dict[str, float] = {}
     failed: list[Run] = []
     while pending or active:
@@ -95,7 +131,7 @@ def run_all(runs: list[Run], jobs: int, threads: int = 1, note=print,
                 note(f"done  {run.folder} in {walls[str(run.folder)]:.0f} s")
                 if on_done is not None:
                     on_done(run, walls[str(run.folder)])
-        active = still
+        active[:] = still  # the caller's list: what is still running when the study is stopped
     if failed:
         raise RunFailed("failed runs (see each folder's train.log): "
                         + ", ".join(str(r.folder) for r in failed))
