@@ -86,7 +86,7 @@ def pretrain(args: Any) -> dict[str, Any]:
     amp = resolve_amp(args.amp, device.type)
     # the fine-tuning engine's rule (engine.resolve_channels_last): channels-last on CUDA and under
     # autocast, contiguous for fp32 on a CPU, where oneDNN's AVX2 convolutions are slower channels-last
-    channels_last = resolve_channels_last(getattr(args, "channels_last", None), device.type, amp)
+    channels_last = resolve_channels_last(args.channels_last, device.type, amp)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_network(args.arch, data.num_classes).to(device).to(memory_format=memory_format)
     decay = [p for p in model.parameters() if p.ndim > 1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -177,12 +178,17 @@ def main_tables(rows: list[dict[str, Any]], priors: dict[str, Any]) -> tuple[str
     return "\n".join(lines), summary
 
 
+def _precision(row: dict[str, Any]) -> str:
+    """What ``--amp auto`` picked for a run (rows from before the field say so)."""
+    return row.get("precision") or "not recorded"
+
+
 def _mixed_precision_pairs(rows: list[dict[str, Any]]) -> str:
     """Seeds whose CAM and MinMaxCAM runs ran at different precisions (``--amp auto`` resolves per
     machine: a study continued on a CPU without native bf16 runs fp32 where it ran bf16 before)."""
     by_seed: dict[int, dict[str, str]] = {}
     for row in rows:
-        by_seed.setdefault(row["seed"], {})[row["variant"]] = row.get("precision") or "not recorded"
+        by_seed.setdefault(row["seed"], {})[row["variant"]] = _precision(row)
     return ", ".join(
         f"seed {seed} ({', '.join(f'{v} {p}' for v, p in sorted(got.items()))})"
         for seed, got in sorted(by_seed.items())
@@ -232,9 +238,9 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
                 f"| {row['variant']} | {row['lambda_crr']:g} | {row['lambda_frr']:g} | {row['set_size']} | "
                 f"{row['flags']['sets_per_batch']} | {row['stage2_mask']} | {values['maxboxacc']:.1f} | "
                 f"{values['maxboxacc_v2']:.1f} | {values['top1_cls']:.1f} | "
-                f"{row.get('precision') or 'not recorded'} |"
+                f"{_precision(row)} |"
             )
-        precisions = sorted({r.get("precision") or "not recorded" for r in mine if r["seed"] == 0})
+        precisions = sorted({_precision(r) for r in mine if r["seed"] == 0})
         if len(precisions) > 1:  # --amp auto follows the machine: a sweep continued elsewhere mixes them
             mixed = ", ".join(precisions)
             lines += ["", f"**Mixed precision** in these sweeps ({mixed}): see the last column."]
@@ -526,7 +532,7 @@ def wall_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if row.get("wall_s"):
             part = "main" if "main" in row["groups"] else "sweeps"
-            machine = f"{row.get('machine') or 'not recorded'}, {row.get('precision') or 'not recorded'}"
+            machine = f"{row.get('machine') or 'not recorded'}, {_precision(row)}"
             parts.setdefault((row["benchmark"], row["backbone"], part, machine), []).append(row)
     if not parts:
         return ""
@@ -566,11 +572,7 @@ def write_report(report_dir: Path, prepare: Callable[[str], Path], out: Path) ->
             writer.writerows(summary)
     walls = [r["wall_s"] for r in rows if r.get("wall_s")]
     machines = sorted({r["machine"] for r in rows + gate})
-    precisions: dict[str, int] = {}
-    for row in rows + gate:
-        precisions[row.get("precision") or "not recorded"] = (
-            precisions.get(row.get("precision") or "not recorded", 0) + 1
-        )
+    precisions = Counter(_precision(row) for row in rows + gate)
     parts = [
         "# Tiny-ImageNet WSOL study: generated tables",
         "",
