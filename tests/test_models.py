@@ -99,3 +99,13 @@ def test_pretrained_wrong_architecture_is_an_error(tmp_path):
 def test_pretrained_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="--pretrained .*not found"):
         create_model("resnet18", 3, pretrained=tmp_path / "nope.pth")
+
+
+def test_a_file_that_is_not_a_state_dict_names_the_cause_in_one_line(tmp_path):
+    path = tmp_path / "notes.pth"
+    path.write_text("# not weights\n")
+    with pytest.raises(ConfigError) as info:
+        create_model("resnet18", 3, pretrained=path)
+    message = str(info.value)
+    assert message.startswith(f"--pretrained {path}: not a readable torch state dict (")
+    assert "\n" not in message and "weights_only" not in message  # torch's advice to unpickle is left out

@@ -106,6 +106,12 @@ def test_the_config_hash_follows_the_weights_and_recipe_not_the_machine(tmp_path
         gate_runs(["nope"], "resnet18")
 
 
+@pytest.mark.parametrize("action", ["study", "report"])
+def test_a_shared_folder_that_is_not_there_is_named_before_any_work(tmp_path, action):
+    with pytest.raises(tiny_wsol_study.ConfigError, match=r"--shared .*nope: not a folder"):
+        tiny_wsol.parse_args([action, "--shared", str(tmp_path / "nope")])
+
+
 def test_paired_difference_and_its_interval():
     mean, low, high, pairs = paired_difference({0: 10.0, 1: 20.0, 2: 30.0}, {0: 11.0, 1: 22.0, 2: 33.0})
     half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) * std of (1, 2, 3) / sqrt(3)

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.shared is None and args.action != "report":
         raise ConfigError("--shared: the data folder is needed (or set MMCAM_SHARED_DATA)")
+    if args.shared is not None and not args.shared.is_dir():
+        raise ConfigError(f"--shared {args.shared}: not a folder (expected the project's data folder, "
+                          "with tiny-imagenet-192/ and tiny-imagenet-5/)")
     args.jobs = resolve_jobs(args.jobs)
     return args
 

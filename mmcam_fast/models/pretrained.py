@@ -13,6 +13,18 @@ from mmcam_fast.models.cam_model import CAMModel
 _MAX_LISTED = 8
 
 
+def _load_failure(exc: Exception) -> str:
+    """The cause of a failed ``torch.load(weights_only=True)`` in one line, without torch's advice to
+    load the file with ``weights_only=False`` (a state dict never needs it)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        cause = text.split(marker, 1)[1].strip().split("\n", 1)[0].strip()
+        return (f"{cause}; expected a file of tensors only, as torch.save(model.state_dict(), path) "
+                "writes")
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _strip(key: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
@@ -37,7 +49,8 @@ def load_pretrained(model: CAMModel, path: str | Path, spec: BackboneSpec) -> No
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is the same user error
-        raise ConfigError(f"--pretrained {path}: not a readable torch state dict ({exc})") from None
+        cause = _load_failure(exc)
+        raise ConfigError(f"--pretrained {path}: not a readable torch state dict ({cause})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
