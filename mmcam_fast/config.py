@@ -210,7 +210,8 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}")
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        return cls(**{key: _typed(key, value, hints[key], source) for key, value in values.items()})
 
     def validate(self) -> None:
         """Every rule once: a Literal field's choices, then the bounds."""
@@ -268,6 +269,42 @@ RECIPES: dict[str, dict[str, Any]] = {
     "authors": {"vertical_flip": True, "flip_before_crop": True, "stage2_step": "all",
                 "conv6_init": "default", "lambda_crr": 1.0, "lambda_frr": 1.0, "sets_per_batch": 5},
 }
+
+
+def _typed(key: str, value: Any, kind: Any, source: str) -> Any:
+    """``value`` as the field's type (a YAML file's values are untyped): an int where a float is
+    expected, and a number YAML read as text (``1e-3``), become floats; anything else that does not
+    fit is a ConfigError naming the key. ``Literal`` choices are checked by ``validate``."""
+    args = typing.get_args(kind)
+    if value is None and type(None) in args:
+        return None
+    if type(None) in args:  # X | None
+        kind = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(kind)
+    ok = True
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                ok = False
+        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = list(value) if ok else value
+    if not ok:
+        name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            kind, "a list of integers")
+        raise ConfigError(f"{source}: {key} must be {name}, got {value!r}")
+    return value
 
 
 def literal_choices() -> dict[str, tuple[str, ...]]:

@@ -47,6 +47,28 @@ def test_config_file_and_flags(tmp_path):
         parse_args(["--config", str(path)])
 
 
+@pytest.mark.parametrize("text,message", [
+    ("lr: abc\n", "lr must be a number, got 'abc'"),
+    ("epochs: 2.5\n", "epochs must be an integer, got 2.5"),
+    ("nesterov: maybe\n", "nesterov must be true or false"),
+    ("lr_milestones: [3, x]\n", "lr_milestones must be a list of integers"),
+    ("out: 7\n", "out must be a string"),
+])
+def test_a_config_value_of_the_wrong_type_is_one_error_naming_file_and_key(text, message, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    status = run_main(main, ["--config", str(path)])
+    err = capsys.readouterr().err
+    assert status == 2 and f"{path}: {message}" in err and "Traceback" not in err
+
+
+def test_config_file_numbers_yaml_reads_as_text_or_int_become_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 1e-3\nlambda_frr: 2\n")  # YAML 1.1 reads 1e-3 as a string, 2 as an int
+    config = parse_args(["--config", str(path)])
+    assert config.lr == 0.001 and isinstance(config.lambda_frr, float) and config.lambda_frr == 2.0
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--backbone", "alexnet"], "--backbone 'alexnet'"),
     (["--data", "mnist"], "--data 'mnist'"),
