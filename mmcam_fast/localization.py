@@ -213,6 +213,20 @@ def image_224(path: Path) -> np.ndarray:
     return cv2.resize(np.asarray(read_rgb(path)), size, interpolation=cv2.INTER_LINEAR)
 
 
+def _inherited_metadata_root(config: TrainConfig, data: str | None,
+                             data_root: str | Path | None) -> str | None:
+    """The checkpoint's metadata root, unless the data it describes was replaced: another ``--data``, or
+    another ``--data-root`` when the training's metadata lay inside its data root (then the new root's
+    ``metadata/`` is read, as training would have). A metadata root of its own (``--metadata-root`` at
+    training, e.g. the benchmark's metadata beside the images) is kept for a new ``--data-root``."""
+    if data is not None and data != config.data:
+        return None
+    if data_root is not None and config.metadata_root and config.data_root:
+        if Path(config.metadata_root).is_relative_to(config.data_root):
+            return None
+    return config.metadata_root
+
+
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data: str | None = None,
                         data_root: str | Path | None = None, metadata_root: str | Path | None = None,
                         mask_root: str | Path | None = None, device: str = "cpu", batch_size: int = 32,
@@ -226,7 +240,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", data: st
         raise ConfigError(f"--split {split!r}: expected train, val or test")
     model, config, _ = load_trained_model(checkpoint, device)
     splits = build_datasets(data or config.data, data_root or config.data_root, image_size=config.image_size,
-                            metadata_root=metadata_root or config.metadata_root, mask_root=mask_root)
+                            metadata_root=metadata_root or _inherited_metadata_root(config, data, data_root),
+                            mask_root=mask_root)
     dataset = getattr(splits, split)
     dataset.transform = splits.test.transform  # evaluation transform, also for the train split
     result = evaluate_localization(

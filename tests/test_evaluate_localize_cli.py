@@ -102,3 +102,20 @@ def test_localize_bad_inputs(finished_run, tmp_path, capsys):
     assert "empty.jpg: cannot read the image" in capsys.readouterr().err
     assert run_main(localize_main, ["--checkpoint", ckpt, str(tmp_path / "missing.jpg")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_checkpoint_mode_reads_the_metadata_of_a_new_data_root(finished_run, tmp_path, capsys):
+    """A new --data-root (the data copied, and here cut to 5 test images) is read with its own metadata,
+    not with the metadata folder inside the checkpoint's old data root."""
+    import shutil
+
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    moved = tmp_path / "moved"
+    shutil.copytree(config["data_root"], moved)
+    test = moved / "metadata" / "test"
+    keep = set(sorted((test / "image_ids.txt").read_text().split())[:5])
+    for path in test.glob("*.txt"):
+        path.write_text("".join(f"{line}\n" for line in path.read_text().splitlines()
+                                if line.split(",")[0] in keep))
+    evaluate_main(["--checkpoint", str(finished_run / "checkpoints" / "last.pt"), "--data-root", str(moved)])
+    assert _last_json(capsys)["images"] == 5
