@@ -102,6 +102,21 @@ def test_localize_bad_inputs(finished_run, tmp_path, capsys):
     assert "empty.jpg: cannot read the image" in capsys.readouterr().err
     assert run_main(localize_main, ["--checkpoint", ckpt, str(tmp_path / "missing.jpg")]) == 2
     assert "not found" in capsys.readouterr().err
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("x")
+    assert run_main(localize_main, ["--checkpoint", ckpt, str(tmp_path / "no_images")]) == 2
+    assert "no_images: a folder with no image file under it" in capsys.readouterr().err
+
+
+def test_localize_a_folder_is_its_images_in_sorted_order(tmp_path):
+    from mmcam_fast.cli.localize import expand_images
+
+    (tmp_path / "b" / "sub").mkdir(parents=True)
+    for name in ("b/z.JPG", "b/a.png", "b/sub/c.jpeg", "b/readme.txt", "single.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    found = expand_images([tmp_path / "single.jpg", tmp_path / "b"])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["single.jpg", "b/a.png", "b/sub/c.jpeg",
+                                                                    "b/z.JPG"]
 
 
 def test_checkpoint_mode_reads_the_metadata_of_a_new_data_root(finished_run, tmp_path, capsys):

@@ -1,5 +1,8 @@
 """``python -m mmcam_fast.localize --checkpoint CKPT IMAGES...``: localize objects in your own images.
 
+IMAGES are image files or folders; a folder stands for the image files under it (torchvision's image
+extensions, any case, in sorted path order, subfolders included).
+
 For every image: the predicted classes with their probabilities, the CAM of the top-1 class turned
 into a score map (224x224 bicubic, min-max), the box(es) at a CAM threshold by the protocol's rule
 (largest contour, or every contour with ``--multi-contour``) in the image's own pixel coordinates,
@@ -15,16 +18,41 @@ import argparse
 import json
 from pathlib import Path
 
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
 from mmcam_fast.cli import ArgumentParser, console_entry
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.localization import localize_images
+
+
+def expand_images(paths: list[Path]) -> list[Path]:
+    """The image files named: files as given, folders as the image files under them (sorted).
+
+    Raises:
+        DataError: a path that does not exist, or a folder with no image file under it.
+    """
+    images: list[Path] = []
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise DataError(f"image file(s) not found: {', '.join(missing[:5])}")
+    for path in paths:
+        if not path.is_dir():
+            images.append(path)
+            continue
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        if not found:
+            raise DataError(f"{path}: a folder with no image file under it (expected one of "
+                            f"{', '.join(IMG_EXTENSIONS)})")
+        images.extend(found)
+    return images
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="mmcam_fast.localize", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a training checkpoint (best.pt)")
-    parser.add_argument("images", nargs="+", type=Path, help="image files (JPEG, PNG, ...)")
+    parser.add_argument("images", nargs="+", type=Path,
+                        help="image files (JPEG, PNG, ...) or folders of them")
     parser.add_argument("--out", type=Path, help="folder for localization.json and the overlays")
     parser.add_argument("--topk", type=int, default=5, help="predicted classes to report (default 5)")
     parser.add_argument("--cam-threshold", type=float, help="CAM threshold (default: the checkpoint's)")
@@ -32,9 +60,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a box per contour, not only the largest one")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    missing = [str(p) for p in args.images if not p.is_file()]
-    if missing:
-        raise DataError(f"image file(s) not found: {', '.join(missing[:5])}")
+    args.images = expand_images(args.images)
     if args.topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     if args.out is not None:
