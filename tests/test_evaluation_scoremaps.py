@@ -116,3 +116,5 @@ def test_many_bad_maps_are_listed_first_few_and_counted(tmp_path):
     assert message.startswith("7 invalid score map(s)")
     assert all(f"img{i}.jpg" in message for i in (2, 3, 5, 6, 7)) and "img8.jpg" not in message
     assert "(and 2 more)" in message
+    # the CLI prints it as one line: the problems stay apart
+    assert " ".join(message.split()).count("; score map of image") == 4

@@ -197,7 +197,7 @@ def load_scoremap(root: str | Path, image_id: str,
 
 def format_offenders(problems: list[str], total: int, what: str = "invalid score map(s)") -> str:
     """One message listing the first few problems out of ``total``."""
-    shown = "\n  ".join(problems[:_MAX_LISTED])
+    shown = ";\n  ".join(problems[:_MAX_LISTED])  # "; " between them once the CLI makes it one line
     more = f"\n  (and {total - _MAX_LISTED} more)" if total > _MAX_LISTED else ""
     return f"{total} {what}:\n  {shown}{more}"
 
