@@ -295,6 +295,7 @@ def _typed(key: str, value: Any, kind: Any, source: str) -> Any:
         ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif kind is str:
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value  # a Path from Python code
         ok = isinstance(value, str)
     elif origin is list:
         ok = isinstance(value, (list, tuple)) and all(

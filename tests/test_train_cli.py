@@ -67,6 +67,9 @@ def test_config_file_numbers_yaml_reads_as_text_or_int_become_floats(tmp_path):
     path.write_text("lr: 1e-3\nlambda_frr: 2\n")  # YAML 1.1 reads 1e-3 as a string, 2 as an int
     config = parse_args(["--config", str(path)])
     assert config.lr == 0.001 and isinstance(config.lambda_frr, float) and config.lambda_frr == 2.0
+    from mmcam_fast.config import TrainConfig
+
+    assert TrainConfig.from_dict({"out": tmp_path}).out == str(tmp_path)  # a Path from Python code
 
 
 @pytest.mark.parametrize("argv,message", [
