@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,6 +79,10 @@ def test_config_file_numbers_yaml_reads_as_text_or_int_become_floats(tmp_path):
     (["--set-size", "1"], "--set-size must be at least 2"),
     (["--data", "cub"], "--data-root"),
     (["--data", "cub", "--data-root", "/nonexistent/cub"], "/nonexistent/cub"),
+    (["--data", "tiny-imagenet", "--data-root", __file__],
+     f"{__file__}: a file, not a folder (--data-root is the folder holding the images; an archive is "
+     f"converted once by `python -m mmcam_fast.prepare tiny-imagenet --src {__file__}"),
+    (["--config", str(Path(__file__).parent)], f"--config {Path(__file__).parent}: a folder, expected"),
 ])
 def test_bad_flags_give_one_clear_error(argv, message, tmp_path, capsys):
     status = run_main(main, argv + ["--out", str(tmp_path / "out")])

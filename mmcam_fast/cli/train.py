@@ -108,6 +108,8 @@ def help_defaults(data: str | None = None, backbone: str | None = None) -> dict[
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: a folder, expected a YAML file (a run folder's config.yaml)")
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     try:

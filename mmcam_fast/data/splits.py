@@ -109,6 +109,10 @@ def _require_root(data: str, data_root: str | Path | None) -> Path:
     if data_root is None:
         raise ConfigError(f"--data {data} needs --data-root (the folder holding its images)")
     root = Path(data_root)
+    if root.is_file():
+        hint = (f"; an archive is converted once by `python -m mmcam_fast.prepare {data} --src {root} "
+                "--out DIR`, then --data-root DIR" if data == "tiny-imagenet" else "")
+        raise DataError(f"{root}: a file, not a folder (--data-root is the folder holding the images{hint})")
     if not root.is_dir():
         raise DataError(f"{root}: data folder does not exist (check --data-root)")
     return root
