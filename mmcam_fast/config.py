@@ -8,6 +8,7 @@ the recipe. Unknown keys fail fast with the name of the key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -271,41 +272,37 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# what a value of each field type must be (Literal fields: their choices are checked by ``validate``)
+_FITS = {bool: lambda v: isinstance(v, bool), int: _is_int, str: lambda v: isinstance(v, str),
+         float: lambda v: _is_int(v) or isinstance(v, float),
+         list: lambda v: isinstance(v, (list, tuple)) and all(_is_int(x) for x in v)}
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               list: "a list of integers"}
+
+
 def _typed(key: str, value: Any, kind: Any, source: str) -> Any:
     """``value`` as the field's type (a YAML file's values are untyped): an int where a float is
-    expected, and a number YAML read as text (``1e-3``), become floats; anything else that does not
-    fit is a ConfigError naming the key. ``Literal`` choices are checked by ``validate``."""
+    expected, and a number YAML read as text (``1e-3``), become floats, a path its string; anything
+    else that does not fit is a ConfigError naming the key."""
     args = typing.get_args(kind)
-    if value is None and type(None) in args:
-        return None
     if type(None) in args:  # X | None
+        if value is None:
+            return None
         kind = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(kind)
-    ok = True
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                ok = False
-        ok = ok and isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind is str:
-        value = os.fspath(value) if isinstance(value, os.PathLike) else value  # a Path from Python code
-        ok = isinstance(value, str)
-    elif origin is list:
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value)
-        value = list(value) if ok else value
-    if not ok:
-        name = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-            kind, "a list of integers")
-        raise ConfigError(f"{source}: {key} must be {name}, got {value!r}")
-    return value
+    kind = typing.get_origin(kind) or kind  # list[int] -> list; Literal[...] -> Literal
+    if kind is float and isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    elif kind is str and isinstance(value, os.PathLike):  # a Path from Python code
+        value = os.fspath(value)
+    fits = _FITS.get(kind)
+    if fits is not None and not fits(value):
+        raise ConfigError(f"{source}: {key} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return float(value) if kind is float else list(value) if kind is list else value
 
 
 def literal_choices() -> dict[str, tuple[str, ...]]:
