@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -137,13 +139,44 @@ def init(device: str, *, timeout_min: float = 60.0) -> tuple[World, torch.device
         if dev.type == "cuda":
             options["device_id"] = dev  # binds the communicator to this GPU at start-up
         dist.init_process_group(backend, **options)
+        global _STORE
+        _STORE = store
     return World(rank, world_size, local_rank, local_world_size, backend), dev
 
 
-def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+_STORE: Any = None  # the store this module's process group was built on (rank 0 serves it)
+
+
+def shutdown(*, clean: bool | None = None, timeout_s: float = 60.0) -> None:
+    """Leave the process group, if this process joined one.
+
+    On a clean exit (``clean``; by default, when no exception is propagating) the ranks leave
+    together: a barrier, then ``destroy_process_group``, then a count in the store that rank 0, which
+    serves the store, waits for before it returns. Without it a rank could tear its gloo
+    connections down while a peer is still destroying its own, and that peer's process then aborts
+    at exit ("terminate called without an active exception", exit -6) after a run that succeeded.
+    After a failure nothing waits on the other ranks: they may be gone.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean is None:
+        clean = sys.exc_info()[0] is None
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if clean and world_size > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+    global _STORE
+    store, _STORE = _STORE, None
+    if not (clean and world_size > 1 and store is not None):
+        return
+    try:
+        left = store.add("left", 1)
+        deadline = time.monotonic() + timeout_s
+        while rank == 0 and left < world_size and time.monotonic() < deadline:
+            time.sleep(0.02)
+            left = store.add("left", 0)
+    except Exception:  # noqa: BLE001 - a peer's store client already gone is fine at this point
+        pass
 
 
 def active() -> bool:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mmcam_fast import distributed
 from mmcam_fast.config import TrainConfig
 from mmcam_fast.data.synthetic import make_synthetic
 from mmcam_fast.engine import Trainer
@@ -31,6 +34,12 @@ TRAIN_FLAGS = ["--data", "synthetic", "--backbone", "resnet18", "--feature-strid
                "--sets-per-batch", "2",
                "--set-size", "3", "--impl", "reference", "--loader", "torch", "--workers", "0",
                "--log-every", "1", "--eval-every", "0", "--checkpoint-every", "2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -147,7 +156,7 @@ def _rank_worker(rank: int, init_file: str, out: str) -> None:
         torch.save({"fc_after_stage2": after_stage2, "unchanged_after_nan": unchanged,
                     "skipped": trainer.guard.state_dict()["skipped"]}, Path(out) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown()
 
 
 @pytest.fixture
@@ -193,3 +202,32 @@ def test_device_and_sync_bn_errors_name_the_flag(monkeypatch):
     with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not an integer"):
         distributed.init("cpu")
     assert distributed.rank_seed(7, 0) == 7 and distributed.rank_seed(7, 1) != distributed.rank_seed(7, 2)
+
+
+def _shutdown_worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    distributed.init("cpu", timeout_min=1)
+    if rank == 1:  # rank 1 is slow to tear its group down; rank 0 serves the store
+        destroy = dist.destroy_process_group
+
+        def slow_destroy(*args, **kwargs):
+            time.sleep(1.0)
+            destroy(*args, **kwargs)
+            Path(out, "rank1-destroyed").write_text(repr(time.time()))
+
+        dist.destroy_process_group = slow_destroy
+    distributed.shutdown()
+    Path(out, f"rank{rank}-returned").write_text(repr(time.time()))
+
+
+def test_clean_shutdown_lets_rank_0_return_only_after_every_rank_left(tmp_path):
+    """Rank 0 serves the rendezvous store: it must outlive every rank's teardown, or a peer can
+    abort at exit after a successful run."""
+    mp.start_processes(_shutdown_worker, args=(_free_port(), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    rank1_destroyed = float((tmp_path / "rank1-destroyed").read_text())
+    rank0_returned = float((tmp_path / "rank0-returned").read_text())
+    assert rank0_returned >= rank1_destroyed
+    assert not dist.is_initialized()
