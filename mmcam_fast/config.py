@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import time
 import typing
@@ -220,15 +221,39 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        finite = math.isfinite
         checks = [
             (self.sets_per_batch >= 1, "--sets-per-batch must be at least 1"),
             (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.lambda_crr >= 0 and self.lambda_frr >= 0, "--lambda-crr/--lambda-frr must be >= 0"),
+            (finite(self.lr) and self.lr > 0, f"--lr must be a finite number > 0, got {self.lr}"),
+            (finite(self.classifier_lr_mult) and self.classifier_lr_mult > 0,
+             f"--classifier-lr-mult must be a finite number > 0, got {self.classifier_lr_mult}"),
+            (finite(self.momentum) and 0 <= self.momentum < 1,
+             f"--momentum must be in [0, 1), got {self.momentum}"),
+            (not self.nesterov or self.momentum > 0,
+             "--nesterov needs --momentum > 0 (or --no-nesterov with --momentum 0)"),
+            (finite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be a finite number >= 0, got {self.weight_decay}"),
+            (finite(self.lr_gamma) and 0 < self.lr_gamma <= 1,
+             f"--lr-gamma must be in (0, 1], got {self.lr_gamma}"),
+            (all(m >= 1 for m in self.lr_milestones),
+             f"--lr-milestones are epochs, each at least 1, got {self.lr_milestones}"),
+            (0 <= self.seed < 2**32, f"--seed must be in [0, 2**32), got {self.seed}"),
+            (finite(self.lambda_crr) and self.lambda_crr >= 0,
+             f"--lambda-crr must be a finite number >= 0, got {self.lambda_crr}"),
+            (finite(self.lambda_frr) and self.lambda_frr >= 0,
+             f"--lambda-frr must be a finite number >= 0, got {self.lambda_frr}"),
             (self.image_size >= 16, "--image-size must be at least 16"),
+            (self.log_every >= 1, f"--log-every must be at least 1, got {self.log_every}"),
+            (self.eval_every >= 0,
+             f"--eval-every must be >= 0 (0: only the final test), got {self.eval_every}"),
+            (self.max_steps_per_epoch is None or self.max_steps_per_epoch >= 1,
+             f"--max-steps-per-epoch must be at least 1 (leave it out for whole epochs), got "
+             f"{self.max_steps_per_epoch}"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be >= 0 (0: at the end of epochs only)"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0 (0: never stop)"),
-            (self.dist_timeout_min > 0, "--dist-timeout-min must be positive"),
+            (finite(self.dist_timeout_min) and self.dist_timeout_min > 0,
+             "--dist-timeout-min must be a finite number > 0"),
             (self.resume is None or self.resume != "", "--resume takes 'auto' or a checkpoint file"),
         ]
         for ok, message in checks:

@@ -146,7 +146,9 @@ def test_usage_errors_are_one_line_naming_the_flag(tmp_path, capsys):
     assert "--split" in fail(capsys, "--scoremap-root", tmp_path / "maps", "--metadata-root",
                              tmp_path / "meta", "--dataset", "CUB")
     assert "--overlays" in fail(capsys, *args(tmp_path, "CUB", "val", "--overlays", "two"))
-    assert "--processes must be at least 1" in fail(capsys, *args(tmp_path, "CUB", "val", "--processes", 0))
+    processes = fail(capsys, *args(tmp_path, "CUB", "val", "--processes", 0))
+    assert "argument --processes: must be at least 1, got 0" in processes
+    assert "--threads: must be at least 1" in fail(capsys, *args(tmp_path, "CUB", "val", "--threads", 0))
     assert "cam_curve_interval" in fail(capsys, *args(tmp_path, "CUB", "val", "--cam-curve-interval", 0))
     assert "--data-root" in fail(capsys, *args(tmp_path, "CUB", "val", "--data-root", tmp_path / "none"))
     assert "--scoremap-root" in fail(capsys, "--scoremap-root", tmp_path / "none", "--metadata-root",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
 import torch
 from shared_data import shared_data_dir
 
@@ -41,3 +42,16 @@ def test_pretrain_resumes_exports_and_loads_into_every_geometry(tmp_path, capsys
 def test_an_unknown_arch_is_one_clear_error(tmp_path, capsys):
     assert run_main(main, ["--data-root", str(tmp_path), "--arch", "vgg", "--out", str(tmp_path / "o")]) == 2
     assert "--arch 'vgg'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--batch-size", "1"], "--batch-size must be at least 2, got 1"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be at least 1"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+])
+def test_a_number_out_of_bounds_is_one_error_naming_the_flag(argv, message, tmp_path, capsys):
+    assert run_main(main, ["--data-root", str(tmp_path), "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

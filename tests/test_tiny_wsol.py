@@ -112,6 +112,18 @@ def test_a_shared_folder_that_is_not_there_is_named_before_any_work(tmp_path, ac
         tiny_wsol.parse_args([action, "--shared", str(tmp_path / "nope")])
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--seeds", "-1"], "argument --seeds: must be at least 0, got -1"),
+    (["--sweep-seeds", str(2**32)], "argument --sweep-seeds: must be in [0, 2**32)"),
+    (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
+    (["--max-steps-per-epoch", "0"], "argument --max-steps-per-epoch: must be at least 1, got 0"),
+])
+def test_a_study_number_out_of_bounds_is_named_before_any_work(tmp_path, argv, message):
+    with pytest.raises(tiny_wsol_study.ConfigError) as error:
+        tiny_wsol.parse_args(["study", "--shared", str(tmp_path), *argv])
+    assert message in str(error.value)
+
+
 def test_paired_difference_and_its_interval():
     mean, low, high, pairs = paired_difference({0: 10.0, 1: 20.0, 2: 30.0}, {0: 11.0, 1: 22.0, 2: 33.0})
     half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2 df) * std of (1, 2, 3) / sqrt(3)

@@ -83,6 +83,20 @@ def test_config_file_numbers_yaml_reads_as_text_or_int_become_floats(tmp_path):
      f"{__file__}: a file, not a folder (--data-root is the folder holding the images; an archive is "
      f"converted once by `python -m mmcam_fast.prepare tiny-imagenet --src {__file__}"),
     (["--config", str(Path(__file__).parent)], f"--config {Path(__file__).parent}: a folder, expected"),
+    # numbers out of their bounds: each named, before any data is read or a step is taken
+    (["--lambda-crr", "inf"], "--lambda-crr must be a finite number >= 0, got inf"),
+    (["--lambda-frr", "nan"], "--lambda-frr must be a finite number >= 0, got nan"),
+    (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0, got -1.0"),
+    (["--classifier-lr-mult", "0"], "--classifier-lr-mult must be a finite number > 0"),
+    (["--lr-gamma", "2"], "--lr-gamma must be in (0, 1], got 2.0"),
+    (["--lr-milestones", "0"], "--lr-milestones are epochs, each at least 1"),
+    (["--momentum", "1"], "--momentum must be in [0, 1)"),
+    (["--momentum", "0"], "--nesterov needs --momentum > 0"),
+    (["--seed", "-5"], "--seed must be in [0, 2**32), got -5"),
+    (["--max-steps-per-epoch", "0"], "--max-steps-per-epoch must be at least 1 (leave it out"),
+    (["--log-every", "0"], "--log-every must be at least 1"),
+    (["--eval-every", "-2"], "--eval-every must be >= 0"),
 ])
 def test_bad_flags_give_one_clear_error(argv, message, tmp_path, capsys):
     status = run_main(main, argv + ["--out", str(tmp_path / "out")])

@@ -22,6 +22,29 @@ def _parse_bool(text: str) -> bool:
         raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}") from None
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer no smaller than ``low`` (the flag is named by argparse)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def seed_value(text: str) -> int:
+    """An argparse ``type``: a random seed, an integer in [0, 2**32) (numpy's range)."""
+    value = int_at_least(0)(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
+    return value
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
                         defaults: Mapping[str, str] | None = None) -> None:
     """One ``--kebab-case`` flag per dataclass field; every default is None so presets can apply.

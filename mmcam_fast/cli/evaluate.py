@@ -42,7 +42,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.cli import ArgumentParser, console_entry, int_at_least
 from mmcam_fast.data.manifest import find_class_names, prepared_kind
 from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.errors import ConfigError, DataError
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--export-scoremaps", type=Path, metavar="DIR",
                         help="mode (b): also save every score map as DIR/<image_id>.npy")
     parser.add_argument("--device", default="cpu", help="mode (b): device of the model")
-    parser.add_argument("--batch-size", type=int, default=32, help="mode (b): images per batch")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="mode (b): images per batch")
     parser.add_argument("--scoremap-root", type=Path,
                         help="folder of <image_id>.npy score maps (224x224, float, in [0, 1])")
     parser.add_argument("--metadata-root", type=Path,
@@ -101,12 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="IoU thresholds in percent of the multi-contour run (default 30 50 70)")
     parser.add_argument("--impl", choices=("fast", "reference"), default="fast",
                         help="fast (default) or the literal reference; the numbers are identical")
-    parser.add_argument("--processes", type=int, default=1,
+    parser.add_argument("--processes", type=int_at_least(1), default=1,
                         help="processes for the per-image work (default 1: threads, see --threads)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="threads for the box evaluation when --processes is 1 (default: one per core, "
                              "at most 8); the numbers do not depend on it")
-    parser.add_argument("--overlays", type=int, default=0, metavar="K",
+    parser.add_argument("--overlays", type=int_at_least(0), default=0, metavar="K",
                         help="write overlay PNGs of K images spread over the classes (round-robin); needs "
                              "--overlay-dir, and in mode (a) --image-root or --data-root")
     parser.add_argument("--overlay-dir", type=Path, help="folder for overlay PNGs")
@@ -185,12 +185,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.checkpoint is not None:
         return run_checkpoint(args)
     dataset = resolve_scoremap_inputs(args)
-    if args.processes < 1:
-        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
-    if args.overlays < 0:
-        raise ConfigError(f"--overlays must be at least 0, got {args.overlays}")
     if args.overlays and (args.overlay_dir is None or args.image_root is None):
         raise ConfigError("--overlays K needs --overlay-dir and --image-root or --data-root "
                           "(the images to draw on)")

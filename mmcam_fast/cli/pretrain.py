@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from mmcam_fast.cli import ArgumentParser, console_entry
@@ -33,8 +34,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", choices=("auto",), default=None, help="continue from <out>/checkpoint.pt")
     parser.add_argument("--export", type=Path, default=None, help="write the final fp16 state dict here")
     args = parser.parse_args(argv)
-    if args.epochs < 1 or args.batch_size < 2 or args.lr <= 0:
-        raise ConfigError("--epochs must be >= 1, --batch-size >= 2 and --lr > 0")
+    checks = [
+        (args.epochs >= 1, f"--epochs must be at least 1, got {args.epochs}"),
+        (args.batch_size >= 2, f"--batch-size must be at least 2, got {args.batch_size}"),
+        (math.isfinite(args.lr) and args.lr > 0, f"--lr must be a finite number > 0, got {args.lr}"),
+        (math.isfinite(args.weight_decay) and args.weight_decay >= 0,
+         f"--weight-decay must be a finite number >= 0, got {args.weight_decay}"),
+        (args.image_size >= 16, f"--image-size must be at least 16, got {args.image_size}"),
+        (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.max_steps_per_epoch is None or args.max_steps_per_epoch >= 1,
+         f"--max-steps-per-epoch must be at least 1 (leave it out for whole epochs), got "
+         f"{args.max_steps_per_epoch}"),
+        (0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
     build_network(args.arch, 2)  # an unknown --arch fails before any data work
     print(json.dumps(pretrain(args)))
 

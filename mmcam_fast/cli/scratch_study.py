@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.cli import ArgumentParser, console_entry, int_at_least, seed_value
 from mmcam_fast.data.converters import ensure_prepared
 from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.errors import ConfigError
@@ -41,12 +41,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("runs/experiments"), help="run folders")
     parser.add_argument("--report-dir", type=Path, default=Path("experiments/tiny-imagenet-5"),
                         help="tables and plots (docs/results.md shows this folder's files)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None,
                         help="variants or groups (main, lambda_crr, lambda_frr, set_size, masking)")
     parser.add_argument("--pretrain-epochs", type=int, default=Schedule.pretrain_epochs)
     parser.add_argument("--epochs", type=int, default=Schedule.epochs, help="fine-tuning epochs per variant")
-    parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs (smoke runs)")
+    parser.add_argument("--max-steps-per-epoch", type=int_at_least(1), default=None,
+                        help="cut epochs (smoke runs)")
     add_jobs_flag(parser)
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report")
     parser.add_argument("--no-dispersion", action="store_true", help="skip the dispersion analysis")

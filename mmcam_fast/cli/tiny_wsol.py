@@ -8,7 +8,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.cli import ArgumentParser, console_entry, int_at_least, seed_value
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import tiny_wsol_report
 from mmcam_fast.experiments import tiny_wsol_study as study
@@ -54,12 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where <backbone>-172.pth and its .sha256 are",
     )
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=list(study.SEEDS), help="seeds of the main comparison"
+        "--seeds", type=seed_value, nargs="+", default=list(study.SEEDS), help="seeds of the main comparison"
     )
-    parser.add_argument("--sweep-seeds", type=int, nargs="+", default=list(study.SWEEP_SEEDS))
+    parser.add_argument("--sweep-seeds", type=seed_value, nargs="+", default=list(study.SWEEP_SEEDS))
     smoke = parser.add_argument_group("cut-down runs (tests; their rows carry another config hash)")
-    smoke.add_argument("--epochs", type=int, default=None, help="instead of the recipe's")
-    smoke.add_argument("--max-steps-per-epoch", type=int, default=None)
+    smoke.add_argument("--epochs", type=int_at_least(1), default=None, help="instead of the recipe's")
+    smoke.add_argument("--max-steps-per-epoch", type=int_at_least(1), default=None)
     add_jobs_flag(parser)
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether each is done")
     args = parser.parse_args(argv)
