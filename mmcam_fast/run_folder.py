@@ -42,7 +42,7 @@ def check_output_folder(path: str | Path, flag: str = "--out") -> Path:
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{flag} {folder}: is a file, expected a folder for the run's files")
+        raise ConfigError(f"{flag} {folder}: is a file, expected a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import pytest
+import torch
 import yaml
 
 from mmcam_fast.checkpoint import load_checkpoint
@@ -68,6 +69,16 @@ def test_checkpoint_mode_errors(finished_run, tmp_path, capsys):
     assert "two modes" in _evaluate_error(capsys, "--checkpoint", finished_run / "checkpoints" / "last.pt",
                                           "--scoremap-root", tmp_path)
     assert "--scoremap-root, --metadata-root" in _evaluate_error(capsys, "--dataset", "CUB")
+    last = finished_run / "checkpoints" / "last.pt"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    message = _evaluate_error(capsys, "--checkpoint", last, "--overlays", 2, "--overlay-dir", a_file)
+    assert message.endswith(f"--overlay-dir {a_file}: is a file, expected a folder")
+    message = _evaluate_error(capsys, "--checkpoint", last, "--device", "gpu")
+    assert "--device 'gpu' is not a device" in message
+    if not torch.cuda.is_available():
+        message = _evaluate_error(capsys, "--checkpoint", last, "--device", "cuda")
+        assert "--device cuda: CUDA is not available" in message
 
 
 def test_localize_own_images(finished_run, tmp_path, capsys):
@@ -106,6 +117,10 @@ def test_localize_bad_inputs(finished_run, tmp_path, capsys):
     (tmp_path / "no_images" / "notes.txt").write_text("x")
     assert run_main(localize_main, ["--checkpoint", ckpt, str(tmp_path / "no_images")]) == 2
     assert "no_images: a folder with no image file under it" in capsys.readouterr().err
+    assert run_main(localize_main, ["--checkpoint", ckpt, "--out", str(bad), str(bad)]) == 2
+    assert f"--out {bad}: is a file, expected a folder" in capsys.readouterr().err
+    assert run_main(localize_main, ["--checkpoint", ckpt, "--device", "cuda:x", str(bad)]) == 2
+    assert "--device 'cuda:x' is not a device" in capsys.readouterr().err
 
 
 def test_localize_a_folder_is_its_images_in_sorted_order(tmp_path):

@@ -45,6 +45,14 @@ def seed_value(text: str) -> int:
     return value
 
 
+def device_value(text: str) -> str:
+    """An argparse ``type`` for a one-process command's ``--device``: ``cpu``, ``cuda`` or ``cuda:N``,
+    checked against this machine (no CUDA, no such GPU) before any work, as ``train`` checks it."""
+    from mmcam_fast.distributed import _device_for
+
+    return str(_device_for(text, 0, 1))
+
+
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,
                         defaults: Mapping[str, str] | None = None) -> None:
     """One ``--kebab-case`` flag per dataclass field; every default is None so presets can apply.

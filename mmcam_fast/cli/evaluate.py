@@ -42,7 +42,7 @@ import json
 import sys
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry, int_at_least
+from mmcam_fast.cli import ArgumentParser, console_entry, device_value, int_at_least
 from mmcam_fast.data.manifest import find_class_names, prepared_kind
 from mmcam_fast.data.metadata import load_metadata
 from mmcam_fast.errors import ConfigError, DataError
@@ -54,6 +54,7 @@ from mmcam_fast.evaluation import (
 )
 from mmcam_fast.evaluation.protocol import MASK_DATASETS, is_benchmark, split_folder
 from mmcam_fast.localization import evaluate_checkpoint
+from mmcam_fast.run_folder import check_output_folder
 
 EPILOG = """score-map mode, a benchmark (metadata in <metadata-root>/<CUB|ILSVRC|OpenImages>/<split>/):
   mmcam-evaluate --scoremap-root MAPS --metadata-root metadata --dataset CUB --split test
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "from it")
     parser.add_argument("--export-scoremaps", type=Path, metavar="DIR",
                         help="mode (b): also save every score map as DIR/<image_id>.npy")
-    parser.add_argument("--device", default="cpu", help="mode (b): device of the model")
+    parser.add_argument("--device", type=device_value, default="cpu", help="mode (b): device of the model")
     parser.add_argument("--batch-size", type=int_at_least(1), default=32, help="mode (b): images per batch")
     parser.add_argument("--scoremap-root", type=Path,
                         help="folder of <image_id>.npy score maps (224x224, float, in [0, 1])")
@@ -182,6 +183,9 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Evaluate as the parsed flags say; returns the result dict (also what is printed)."""
+    for flag, folder in (("--overlay-dir", args.overlay_dir), ("--export-scoremaps", args.export_scoremaps)):
+        if folder is not None:  # named before the evaluation runs, not after it
+            check_output_folder(folder, flag)
     if args.checkpoint is not None:
         return run_checkpoint(args)
     dataset = resolve_scoremap_inputs(args)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.cli import ArgumentParser, console_entry, device_value
 from mmcam_fast.errors import ConfigError, DataError
 from mmcam_fast.localization import localize_images
+from mmcam_fast.run_folder import check_output_folder
 
 
 def expand_images(paths: list[Path]) -> list[Path]:
@@ -58,13 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cam-threshold", type=float, help="CAM threshold (default: the checkpoint's)")
     parser.add_argument("--multi-contour", action="store_true",
                         help="a box per contour, not only the largest one")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_value, default="cpu")
     args = parser.parse_args(argv)
     args.images = expand_images(args.images)
     if args.topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
+        check_output_folder(args.out)
     results = localize_images(args.checkpoint, args.images, device=args.device, topk=args.topk,
                               cam_threshold=args.cam_threshold, multi_contour=args.multi_contour,
                               out_dir=args.out)

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.cli import ArgumentParser, console_entry, device_value
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.pretraining import ARCHS, build_network, pretrain
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="memory format (default: channels-last on CUDA and under autocast, "
                         "contiguous for fp32 on a CPU; the fine-tuning engine's rule)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device_value, default="cpu")
     parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="cut epochs (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="folder for checkpoint.pt and pretrain.json")
