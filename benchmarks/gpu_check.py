@@ -42,6 +42,7 @@ import collections
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -1291,7 +1292,12 @@ def parse_pairs(values: list[str], what: str, convert) -> dict[str, Any]:
         key, sep, item = value.partition("=")
         if not sep or key not in STAGE_KEYS:
             raise ValueError(f"{what} {value!r}: expected STAGE=VALUE, STAGE one of {','.join(STAGE_KEYS)}")
-        pairs[key] = convert(item)
+        try:
+            pairs[key] = convert(item)
+        except ValueError:
+            raise ValueError(f"{what} {value!r}: {item!r} is not a number") from None
+        if convert is float and not (math.isfinite(pairs[key]) and pairs[key] > 0):
+            raise ValueError(f"{what} {value!r}: a time limit is a number of seconds > 0")
     return pairs
 
 
@@ -1318,6 +1324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         injections = parse_pairs(args.inject, "--inject", str)
         budgets = parse_pairs(args.budget, "--budget", float)
+        if not (math.isfinite(args.time_scale) and args.time_scale > 0):
+            raise ValueError(f"--time-scale must be a finite number > 0, got {args.time_scale}")
         selected = [k.strip() for k in args.stages.split(",") if k.strip()]
         unknown = [k for k in selected if k not in STAGE_KEYS]
         if unknown or not selected:

@@ -140,6 +140,7 @@ def test_without_cuda_and_without_dry_run_one_line_and_exit_2(tmp_path):
 
 
 def test_bad_arguments_are_one_line_and_exit_2():
-    for args in (["--stages", "a,x"], ["--budget", "z=3"], ["--budget", "e"]):
+    for args in (["--stages", "a,x"], ["--budget", "z=3"], ["--budget", "e"], ["--budget", "e=abc"],
+                 ["--budget", "e=-5"], ["--time-scale", "-1"]):
         result = _run("--dry-run", *args)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)

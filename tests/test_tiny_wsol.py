@@ -117,6 +117,7 @@ def test_a_shared_folder_that_is_not_there_is_named_before_any_work(tmp_path, ac
     (["--sweep-seeds", str(2**32)], "argument --sweep-seeds: must be in [0, 2**32)"),
     (["--epochs", "0"], "argument --epochs: must be at least 1, got 0"),
     (["--max-steps-per-epoch", "0"], "argument --max-steps-per-epoch: must be at least 1, got 0"),
+    (["--report-dir", __file__], f"argument --report-dir: {__file__}: is a file, expected a folder"),
 ])
 def test_a_study_number_out_of_bounds_is_named_before_any_work(tmp_path, argv, message):
     with pytest.raises(tiny_wsol_study.ConfigError) as error:

@@ -8,6 +8,7 @@ import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, NoReturn
 
 from mmcam_fast.errors import ConfigError, MMCamError
@@ -51,6 +52,15 @@ def device_value(text: str) -> str:
     from mmcam_fast.distributed import _device_for
 
     return str(_device_for(text, 0, 1))
+
+
+def folder_value(text: str) -> Path:
+    """An argparse ``type`` for an output folder: refused when a file is there (the folder itself is
+    made when it is first written to)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a file, expected a folder")
+    return path
 
 
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type,

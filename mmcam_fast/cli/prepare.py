@@ -8,7 +8,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry
+from mmcam_fast.cli import ArgumentParser, console_entry, folder_value
 from mmcam_fast.data.converters import CONVERTERS, unpack_archive
 from mmcam_fast.data.manifest import read_class_list
 from mmcam_fast.data.synthetic import make_synthetic
@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Convert a data set into the WSOL metadata format.")
     parser.add_argument("kind", choices=[*CONVERTERS, "synthetic"], help="the source format")
     parser.add_argument("--src", type=Path, help="the source folder (tiny-imagenet, voc)")
-    parser.add_argument("--out", type=Path, required=True, help="the output folder (a --data-root)")
+    parser.add_argument("--out", type=folder_value, required=True, help="the output folder (a --data-root)")
     parser.add_argument("--val-per-class", type=int, default=None,
                         help="tiny-imagenet, voc: images per class held out from train as the val split "
                              "(default 10); synthetic: val images per class (default 20)")

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry, int_at_least, seed_value
+from mmcam_fast.cli import ArgumentParser, console_entry, folder_value, int_at_least, seed_value
 from mmcam_fast.data.converters import ensure_prepared
 from mmcam_fast.data.splits import build_datasets
 from mmcam_fast.errors import ConfigError
@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--src", type=Path, required=True,
                         help="the raw Tiny-ImageNet-5 folder (`make experiments` passes "
                              "$(SHARED_DATA)/tiny-imagenet-5)")
-    parser.add_argument("--out", type=Path, default=Path("runs/experiments"), help="run folders")
-    parser.add_argument("--report-dir", type=Path, default=Path("experiments/tiny-imagenet-5"),
+    parser.add_argument("--out", type=folder_value, default=Path("runs/experiments"), help="run folders")
+    parser.add_argument("--report-dir", type=folder_value, default=Path("experiments/tiny-imagenet-5"),
                         help="tables and plots (docs/results.md shows this folder's files)")
     parser.add_argument("--seeds", type=seed_value, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", nargs="*", default=None,

@@ -8,7 +8,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from mmcam_fast.cli import ArgumentParser, console_entry, int_at_least, seed_value
+from mmcam_fast.cli import ArgumentParser, console_entry, folder_value, int_at_least, seed_value
 from mmcam_fast.errors import ConfigError
 from mmcam_fast.experiments import tiny_wsol_report
 from mmcam_fast.experiments import tiny_wsol_study as study
@@ -29,9 +29,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the data folder holding tiny-imagenet-192/ and tiny-imagenet-5/ (default: $MMCAM_SHARED_DATA; "
         "`make experiments` passes it)",
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/tiny-wsol"), help="run folders and data")
+    parser.add_argument("--out", type=folder_value, default=Path("runs/tiny-wsol"),
+                        help="run folders and data")
     parser.add_argument(
-        "--report-dir", type=Path, default=study.REPORT_DIR, help="result rows and the report"
+        "--report-dir", type=folder_value, default=study.REPORT_DIR, help="result rows and the report"
     )
     parser.add_argument(
         "--benchmarks", nargs="+", default=list(study.BENCHMARKS), choices=list(study.BENCHMARKS)
